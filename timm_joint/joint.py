@@ -1,0 +1,328 @@
+"""The joint density log p_sigma(y, c) around a classifier: one implementation of the maths.
+
+A network with feature maps f_s(y) and logits l(y) defines (DESIGN §1)
+
+    E(y)                  = 0.5 * sum_s sum_hw ||A_s f_s(y)_hw||^2          (energy, >= 0)
+    log p_sigma(y)        = -E(y) / sigma^2 + const                          (unnormalised)
+    log p_sigma(y, c)     = -E(y) / sigma^2 + log_softmax(l(y))_c + const
+    D(y)                  = y - grad_y E(y)                                  (blind denoiser)
+    D(y, c)               = y + sigma^2 grad_y log p_sigma(y, c)             (class-conditional)
+    D(y, c) - D(y)        = sigma^2 grad_y log p(c | y)                      (the paper's eq. 9)
+
+``JointDensityMixin`` implements all of it on top of three hooks of the host module:
+``forward_features``, ``forward_head`` and ``energy_maps(y)`` (the list of maps f_s, the last being
+the final feature map that the head pools). ``GradResNet`` inherits it; ``JointDensityWrapper``
+brings it to any timm classifier.
+"""
+import copy
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .noise import SigmaLike, check_sigma
+
+__all__ = ['JointDensityMixin', 'JointDensityWrapper', 'EnergyHead']
+
+ClassLike = Union[int, torch.Tensor]
+
+
+class EnergyHead(nn.Module):
+    """The quadratic energy head: bias-free 1x1 maps A_s, one per feature map.
+
+    E(y) = 0.5 * sum_s sum_{h,w} ||A_s f_s(y)_{hw}||^2, summed over positions (not averaged), so the
+    denoiser's gain does not depend on the image size. Computed in float32 under autocast.
+
+    Args:
+        in_channels: Channels of each feature map f_s.
+        init_scale: Scale of A_s at initialisation relative to an orthonormal map.
+    """
+
+    def __init__(
+            self,
+            in_channels: Sequence[int],
+            init_scale: float = 0.1,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.in_channels = list(in_channels)
+        self.init_scale = init_scale
+        self.maps = nn.ModuleList([nn.Conv2d(c, c, 1, bias=False, **dd) for c in self.in_channels])
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for m in self.maps:
+            if m.weight.is_meta:
+                continue
+            c = m.weight.shape[0]
+            # Orthogonal init scaled by init_scale / sqrt(C): with unit-variance features,
+            # ||A f||^2 per position starts near init_scale^2, whatever the width.
+            w = torch.empty(c, c, dtype=torch.float32)
+            nn.init.orthogonal_(w)
+            with torch.no_grad():
+                m.weight.copy_((w * self.init_scale / c ** 0.5).view(c, c, 1, 1))
+
+    def forward(self, maps: List[torch.Tensor]) -> torch.Tensor:
+        """Args: maps: feature maps f_s [B, C_s, H_s, W_s]. Returns: energy [B]."""
+        if len(maps) != len(self.maps):
+            raise ValueError(f'expected {len(self.maps)} feature maps, got {len(maps)}')
+        energy = None
+        for f, a in zip(maps, self.maps):
+            z = a(f).float()
+            e = 0.5 * z.pow(2).flatten(1).sum(1)
+            energy = e if energy is None else energy + e
+        return energy
+
+
+def _check_image(y: Any, in_chans: int) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f'expected an image tensor [B, {in_chans}, H, W], got {type(y).__name__}')
+    if not y.is_floating_point():
+        raise TypeError(
+            f'expected a floating-point image tensor with pixels in [0, 1], got dtype {y.dtype}: '
+            f'convert to float in [0, 1] first (e.g. y.float() / 255)')
+    if y.ndim != 4 or y.shape[1] != in_chans:
+        raise ValueError(
+            f'expected an image tensor of shape [B, {in_chans}, H, W], got {list(y.shape)}')
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError('the image contains NaN or inf values; expected finite pixels in [0, 1]')
+    return y
+
+
+class JointDensityMixin:
+    """Joint-density methods for a timm classifier with an ``energy_head`` (``EnergyHead``).
+
+    The host defines ``forward_features(y)``, ``forward_head(x, pre_logits=False)``,
+    ``energy_maps(y) -> List[Tensor]`` (the last map is ``forward_features(y)``), ``num_classes``,
+    ``in_chans`` and ``energy_head``. Inputs y are noisy images [B, C, H, W] with pixels in [0, 1].
+    """
+
+    # -- forward passes -------------------------------------------------------------------------
+
+    def forward_joint(self, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass for both heads.
+
+        Args:
+            y: Images [B, C, H, W].
+
+        Returns:
+            (logits [B, num_classes], energy [B]).
+        """
+        maps = self.energy_maps(y)
+        return self.forward_head(maps[-1]), self.energy_head(maps)
+
+    def energy(self, y: torch.Tensor) -> torch.Tensor:
+        """E(y) >= 0, [B]; -E(y) / sigma^2 is the unnormalised log p_sigma(y)."""
+        _check_image(y, self.in_chans)
+        return self.energy_head(self.energy_maps(y))
+
+    def log_prob(self, y: torch.Tensor, *, sigma: SigmaLike, c: Optional[ClassLike] = None) -> torch.Tensor:
+        """Unnormalised log p_sigma(y) (c None) or log p_sigma(y, c), [B].
+
+        Values compare images at one sigma, not across sigma, and are never a likelihood: the
+        normalising constant Z(sigma) is unknown (DESIGN §1).
+
+        Args:
+            y: Noisy images [B, C, H, W], pixels in [0, 1].
+            sigma: Noise level in pixel units of [0, 1] images, a float or a tensor [B].
+            c: Class, an int or a LongTensor [B]; None for the marginal.
+        """
+        _check_image(y, self.in_chans)
+        sigma_t = check_sigma(sigma, y.shape[0], device=y.device)
+        c_t = self._check_class(c, y.shape[0], y.device) if c is not None else None
+        return self._log_prob(y, sigma_t, c_t)
+
+    def _log_prob(self, y: torch.Tensor, sigma: torch.Tensor, c: Optional[torch.Tensor]) -> torch.Tensor:
+        if c is None:
+            return -self.energy_head(self.energy_maps(y)) / sigma.pow(2)
+        logits, energy = self.forward_joint(y)
+        log_p_c = F.log_softmax(logits.float(), dim=-1).gather(1, c[:, None])[:, 0]
+        return -energy / sigma.pow(2) + log_p_c
+
+    def score(self, y: torch.Tensor, *, sigma: SigmaLike, c: Optional[ClassLike] = None) -> torch.Tensor:
+        """grad_y log p_sigma(y[, c]) = (D(y[, c]) - y) / sigma^2, [B, C, H, W]."""
+        _check_image(y, self.in_chans)
+        sigma_t = check_sigma(sigma, y.shape[0], device=y.device)
+        c_t = self._check_class(c, y.shape[0], y.device) if c is not None else None
+        with self._input_grad(y) as (y_in, create_graph):
+            lp = self._log_prob(y_in, sigma_t, c_t)
+            (g,) = torch.autograd.grad(lp.sum(), y_in, create_graph=create_graph)
+        return g
+
+    def denoise(
+            self,
+            y: torch.Tensor,
+            *,
+            sigma: Optional[SigmaLike] = None,
+            c: Optional[ClassLike] = None,
+    ) -> torch.Tensor:
+        """Denoise: blind D(y) = y - grad E(y), or class-conditional D(y, c) when c is given.
+
+        The blind denoiser needs no sigma (a given one is validated, then unused). D(y, c) is
+        y + sigma^2 grad_y log p_sigma(y, c), from ``log_prob`` in one autograd call.
+
+        Works under ``torch.no_grad()`` (grad is re-enabled inside); builds a graph only when the
+        model is training or y requires grad, so losses, attacks and solvers see true gradients.
+
+        Args:
+            y: Noisy images [B, C, H, W], pixels in [0, 1].
+            sigma: Noise level (pixel units), a float or a tensor [B]; required with c.
+            c: Class, an int or a LongTensor [B].
+
+        Returns:
+            Denoised images [B, C, H, W] (not clamped).
+        """
+        _check_image(y, self.in_chans)
+        sigma_t = check_sigma(sigma, y.shape[0], device=y.device) if sigma is not None else None
+        if c is None:
+            with self._input_grad(y) as (y_in, create_graph):
+                energy = self.energy_head(self.energy_maps(y_in))
+                (g,) = torch.autograd.grad(energy.sum(), y_in, create_graph=create_graph)
+            return y - g.to(y.dtype)
+        if sigma_t is None:
+            raise ValueError('class-conditional denoising needs the noise level: denoise(y, sigma=..., c=...)')
+        c_t = self._check_class(c, y.shape[0], y.device)
+        with self._input_grad(y) as (y_in, create_graph):
+            lp = self._log_prob(y_in, sigma_t, c_t)
+            (g,) = torch.autograd.grad(lp.sum(), y_in, create_graph=create_graph)
+        return y + sigma_t.pow(2).view(-1, 1, 1, 1).to(g) * g.to(y.dtype)
+
+    def adversarial_gradient(self, y: torch.Tensor, *, c: ClassLike) -> torch.Tensor:
+        """grad_y log p(c | y), [B, C, H, W]; equals (D(y, c) - D(y)) / sigma^2 for every sigma."""
+        _check_image(y, self.in_chans)
+        c_t = self._check_class(c, y.shape[0], y.device)
+        with self._input_grad(y) as (y_in, create_graph):
+            logits = self.forward_head(self.forward_features(y_in))
+            lp = F.log_softmax(logits.float(), dim=-1).gather(1, c_t[:, None])[:, 0]
+            (g,) = torch.autograd.grad(lp.sum(), y_in, create_graph=create_graph)
+        return g
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _check_class(self, c: ClassLike, batch_size: int, device) -> torch.Tensor:
+        num_classes = getattr(self, 'num_classes', 0)
+        if not num_classes:
+            raise ValueError('class-conditional methods need a classifier head (num_classes > 0)')
+        if isinstance(c, bool) or not isinstance(c, (int, torch.Tensor)):
+            raise TypeError(f'c must be an int or a LongTensor [B], got {type(c).__name__}')
+        if isinstance(c, torch.Tensor):
+            if c.is_floating_point() or c.is_complex() or c.dtype == torch.bool:
+                raise TypeError(f'c must be an integer tensor (class indices) [B], got dtype {c.dtype}')
+            if c.ndim > 1 or (c.ndim == 1 and c.shape[0] != batch_size):
+                raise ValueError(f'c must be an int or a tensor of shape [B]=[{batch_size}], got shape {list(c.shape)}')
+            c_t = c.to(device=device, dtype=torch.long).expand(batch_size)
+        else:
+            c_t = torch.full((batch_size,), c, device=device, dtype=torch.long)
+        if bool((c_t < 0).any()) or bool((c_t >= num_classes).any()):
+            raise ValueError(f'class index out of range: expected 0 <= c < {num_classes}, got {c}')
+        return c_t
+
+    def _input_grad(self, y: torch.Tensor):
+        return _InputGrad(self, y)
+
+
+class _InputGrad:
+    """Context: grad enabled, y as a leaf requiring grad (or y itself when it already requires grad).
+
+    Yields (y_in, create_graph). A graph of the gradient is built only when the model is training
+    (the loss differentiates through it) or y requires grad (an attack or a solver does).
+    """
+
+    def __init__(self, module: nn.Module, y: torch.Tensor):
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                'denoising takes an input gradient, which torch.inference_mode() forbids: '
+                'use torch.no_grad() instead (grad is re-enabled inside)')
+        self.module, self.y = module, y
+        self._grad_ctx = torch.enable_grad()
+
+    def __enter__(self):
+        self._grad_ctx.__enter__()
+        y = self.y
+        create_graph = bool(self.module.training or y.requires_grad)
+        y_in = y if y.requires_grad else y.detach().requires_grad_(True)
+        return y_in, create_graph
+
+    def __exit__(self, *exc):
+        return self._grad_ctx.__exit__(*exc)
+
+
+class JointDensityWrapper(JointDensityMixin, nn.Module):
+    """Joint-density methods around any timm classifier.
+
+    Takes [0, 1] pixels and applies the wrapped model's mean/std inside; its ``pretrained_cfg``
+    reports mean (0, 0, 0) and std (1, 1, 1) so that timm's data pipeline does not normalise twice.
+    The energy head is one quadratic map on the final feature map; it starts untrained.
+
+    Args:
+        model: A timm classifier (``forward_features`` / ``forward_head``).
+        energy_init_scale: Initial scale of the energy head (see ``EnergyHead``).
+        warn_untrained: Warn that the energy head is untrained (set False when loading weights).
+
+    Example:
+        >>> import timm, torch, timm_joint
+        >>> net = timm_joint.JointDensityWrapper(
+        ...     timm.create_model('resnet18', num_classes=10), warn_untrained=False)
+        >>> net.denoise(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 3, 32, 32])
+    """
+
+    def __init__(self, model: nn.Module, energy_init_scale: float = 0.1, warn_untrained: bool = True):
+        super().__init__()
+        if not (hasattr(model, 'forward_features') and hasattr(model, 'forward_head')):
+            raise TypeError('JointDensityWrapper needs a timm classifier with forward_features and forward_head')
+        self.model = model
+        cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+        mean = cfg.get('mean', (0., 0., 0.))
+        std = cfg.get('std', (1., 1., 1.))
+        self.in_chans = int(cfg.get('input_size', (len(mean), 0, 0))[0])
+        if len(mean) != self.in_chans:
+            mean, std = (mean[0],) * self.in_chans, (std[0],) * self.in_chans
+        p = next(model.parameters())
+        self.register_buffer('mean', torch.tensor(mean, dtype=p.dtype, device=p.device).view(1, -1, 1, 1))
+        self.register_buffer('std', torch.tensor(std, dtype=p.dtype, device=p.device).view(1, -1, 1, 1))
+        self.pretrained_cfg = copy.deepcopy(cfg)
+        self.pretrained_cfg.update(mean=(0.,) * self.in_chans, std=(1.,) * self.in_chans)
+        self.default_cfg = self.pretrained_cfg
+        self.energy_head = EnergyHead([model.num_features], init_scale=energy_init_scale,
+                                      device=p.device, dtype=p.dtype)
+        if warn_untrained:
+            warnings.warn(
+                'JointDensityWrapper: the energy head starts untrained, so denoise/log_prob/score are '
+                'meaningless until it is trained (train_joint.py); the classifier logits are unchanged.',
+                stacklevel=2)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def num_features(self) -> int:
+        return self.model.num_features
+
+    def forward_features(self, y: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features((y - self.mean) / self.std)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.model.forward_head(x, pre_logits=pre_logits)
+
+    def energy_maps(self, y: torch.Tensor) -> List[torch.Tensor]:
+        return [self._as_map(self.forward_features(y))]
+
+    def forward_joint(self, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = self.forward_features(y)
+        return self.forward_head(x), self.energy_head([self._as_map(x)])
+
+    @staticmethod
+    def _as_map(x: torch.Tensor) -> torch.Tensor:
+        # Token models give [B, N, C]; the energy head works on [B, C, H, W] maps.
+        if x.ndim == 3:
+            return x.transpose(1, 2).unsqueeze(-1)
+        return x
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(y))
