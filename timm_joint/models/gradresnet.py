@@ -347,11 +347,41 @@ def _resolve_norm(norm_layer: Union[str, Callable]) -> Callable:
 
 
 def _create_gradresnet(variant: str, pretrained: bool = False, **kwargs) -> GradResNet:
-    return build_model_with_cfg(
-        GradResNet, variant, pretrained,
-        feature_cfg=dict(flatten_sequential=True),
-        **kwargs,
-    )
+    try:
+        return build_model_with_cfg(
+            GradResNet, variant, pretrained,
+            feature_cfg=dict(flatten_sequential=True),
+            **kwargs,
+        )
+    except Exception as e:
+        if not pretrained or not _is_download_error(e):
+            raise
+        cfg = kwargs.get('pretrained_cfg')
+        hub_id = _resolve_hub_id(variant, cfg)
+        raise RuntimeError(
+            f'could not load pretrained weights for {variant!r} from the Hugging Face Hub repo '
+            f'{hub_id!r} ({type(e).__name__}: {e}). The weights may not be published yet, or the Hub '
+            f'is unreachable (offline). Load a folder this project wrote with '
+            f"timm.create_model('local-dir:PATH', pretrained=True), or train one with "
+            f'train_joint.py (README: Pretrained weights).') from e
+
+
+def _is_download_error(e: Exception) -> bool:
+    # Errors of huggingface_hub and its HTTP clients, and OS-level ones (no network, no cache).
+    mod = type(e).__module__ or ''
+    return isinstance(e, (OSError, ConnectionError, TimeoutError)) or mod.split('.')[0] in (
+        'huggingface_hub', 'requests', 'httpx', 'urllib3', 'httpcore')
+
+
+def _resolve_hub_id(variant: str, cfg: Any) -> str:
+    if isinstance(cfg, dict) and cfg.get('hf_hub_id'):
+        return cfg['hf_hub_id']
+    if hasattr(cfg, 'hf_hub_id') and cfg.hf_hub_id:
+        return cfg.hf_hub_id
+    from timm.models import get_pretrained_cfg
+    name = f'{variant}.{cfg}' if isinstance(cfg, str) else variant
+    resolved = get_pretrained_cfg(name)
+    return getattr(resolved, 'hf_hub_id', None) or f'{HF_HUB_ORG}/{variant}'
 
 
 def _cfg(stem: str = '32', **kwargs) -> Dict[str, Any]:
