@@ -1,0 +1,192 @@
+"""train_joint.py: tasks, outputs, resume, distributed equivalence, argument handling."""
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ['--model', 'gradresnet_tiny_joint', '--model-kwargs', 'channels=[8,16]', 'layers=[1,1]',
+        '--num-classes', '4', '--img-size', '16', '-j', '0', '--no-progress', '--log-interval', '1']
+
+
+def _load_train_module():
+    spec = importlib.util.spec_from_file_location('train_joint', ROOT / 'train_joint.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+train_joint = _load_train_module()
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run(args):
+    """Run train_joint.main in-process (Accelerate's singletons reset around it)."""
+    _reset_accelerate()
+    try:
+        return train_joint.main([str(a) for a in args])
+    finally:
+        _reset_accelerate()
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    from timm_joint.data import prepare_quickstart
+    root = tmp_path_factory.mktemp('data') / 'qs'
+    prepare_quickstart(root, patch_size=16, train_per_class=20, val_per_class=4, short_side=96,
+                       images=('astronaut', 'brick', 'coffee', 'gravel'))
+    return root
+
+
+def _weights(path):
+    return load_file(str(Path(path) / 'model.safetensors'))
+
+
+@pytest.mark.parametrize('task', ['joint', 'classification', 'denoising'])
+def test_each_task_writes_summary_args_and_loadable_export(task, data_dir, tmp_path):
+    out = run(TINY + ['--data-dir', data_dir, '--task', task, '-b', '8', '--den-batch-size', '6',
+                      '--epochs', '1', '--max-steps', '3', '--output', tmp_path, '--experiment', 'e'])
+    assert (out / 'args.yaml').is_file()
+    assert yaml.safe_load((out / 'args.yaml').read_text())['task'] == task
+    rows = list(csv.DictReader(open(out / 'summary.csv')))
+    assert len(rows) == 1
+    if task != 'denoising':
+        assert 0 <= float(rows[0]['eval_top1_s0']) <= 100
+    if task != 'classification':
+        assert float(rows[0]['eval_psnr_s25']) > 0
+    import timm
+    import timm_joint  # noqa: F401
+    model = timm.create_model(f'local-dir:{out / "export" / "last"}', pretrained=True).eval()
+    sd = _weights(out / 'export' / 'last')
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    # the export differs from a fresh init: training changed the weights
+    fresh = timm.create_model('gradresnet_tiny_joint', channels=[8, 16], layers=[1, 1], num_classes=4)
+    assert any(not torch.equal(v, fresh.state_dict()[k]) for k, v in sd.items())
+
+
+def test_resume_mid_epoch_equals_uninterrupted(data_dir, tmp_path):
+    # 20 images/class x 4 classes = 80: 10 classification batches of 8 per epoch, denoising
+    # batches of 24 cycle every 3 steps, so the stop at step 2 falls mid-epoch and mid-cycle.
+    common = TINY + ['--data-dir', data_dir, '-b', '8', '--den-batch-size', '24', '--epochs', '1',
+                     '--mixup', '0.4', '--model-ema', '--model-ema-decay', '0.5', '--output', tmp_path]
+    full = run(common + ['--experiment', 'full', '--max-steps', '5'])
+    part = run(common + ['--experiment', 'part', '--max-steps', '2'])
+    state = yaml.safe_load((part / 'checkpoints').glob('step_*').__next__().joinpath('train_state.json').read_text())
+    assert state['step_in_epoch'] == 2 and state['epoch'] == 0
+    resumed = run(common + ['--experiment', 'part', '--max-steps', '5'])  # auto-resume from part/checkpoints
+    assert resumed == part
+    for name in ('last', 'ema_last'):
+        a, b = _weights(full / 'export' / name), _weights(part / 'export' / name)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f'{name}/{k}')
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    from timm_joint.training import CheckpointManager
+    (tmp_path / 'step_00000004').mkdir()            # killed before its state file was written
+    (tmp_path / 'step_00000006.tmp').mkdir()        # killed while writing
+    (tmp_path / 'step_00000002').mkdir()
+    (tmp_path / 'step_00000002' / 'train_state.json').write_text('{}')
+    assert CheckpointManager(tmp_path).latest().name == 'step_00000002'
+
+
+def test_yaml_defaults_and_cli_precedence(tmp_path):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text(yaml.safe_dump({'lr': 0.5, 'batch_size': 12, 'lambda_den': 3.0}))
+    args, _ = train_joint._parse_args(['-c', str(cfg), '--lr', '0.25'])
+    assert args.lr == 0.25            # the command line wins
+    assert args.batch_size == 12      # the YAML sets what the command line leaves
+    assert args.lambda_den == 3.0
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text(yaml.safe_dump({'learning_rate': 0.1}))
+    with pytest.raises(SystemExit):
+        train_joint._parse_args(['-c', str(bad)])
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--model', 'no_such_model'], 'unknown model'),
+    (['--task', 'denoising', '--mixup', '0.8'], 'contradict --task denoising'),
+    (['--torchcompile'], 'double backward'),
+    (['--sigma-max-den', '0'], 'must be > 0'),
+    (['--mixup', '0.8', '-b', '7'], 'even --batch-size'),
+])
+def test_bad_options_are_refused_before_training(extra, message, data_dir, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        run(TINY + ['--data-dir', data_dir, '--output', tmp_path, '--experiment', 'x'] + extra)
+    assert not (tmp_path / 'x').exists()
+
+
+def test_missing_and_empty_data_folders(tmp_path):
+    with pytest.raises(ValueError, match='does not exist'):
+        run(TINY + ['--data-dir', tmp_path / 'nope', '--output', tmp_path])
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match='empty'):
+        run(TINY + ['--data-dir', tmp_path / 'empty', '--output', tmp_path])
+
+
+def test_mismatched_resume_is_refused_and_nothing_overwritten(data_dir, tmp_path):
+    out = run(TINY + ['--data-dir', data_dir, '-b', '8', '--epochs', '1', '--max-steps', '1',
+                      '--output', tmp_path, '--experiment', 'a'])
+    ckpt = next((out / 'checkpoints').glob('step_*'))
+    before = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
+    # a different architecture cannot load that state
+    with pytest.raises(ValueError, match='does not fit'):
+        run(TINY[:3] + ['channels=[8,32]', 'layers=[1,1]'] + TINY[5:] + [
+            '--data-dir', data_dir, '-b', '8', '--resume', ckpt, '--output', tmp_path, '--experiment', 'a'])
+    # a corrupt state file
+    bad = tmp_path / 'bad_ckpt'
+    bad.mkdir()
+    (bad / 'train_state.json').write_text('{not json')
+    with pytest.raises(ValueError, match='corrupt'):
+        run(TINY + ['--data-dir', data_dir, '--resume', bad, '--output', tmp_path, '--experiment', 'a'])
+    after = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
+    assert after == before
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_export(data_dir, tmp_path):
+    common = TINY + ['--data-dir', data_dir, '-b', '8', '--epochs', '1', '--output', tmp_path,
+                     '--experiment', 'nan', '--checkpoint-interval', '1']
+    out = run(common + ['--max-steps', '1'])
+    good = _weights(out / 'export' / 'last')
+    with pytest.raises(SystemExit):
+        run(common + ['--max-steps', '3', '--lambda-den', 'inf'])
+    kept = _weights(out / 'export' / 'last')
+    assert all(torch.equal(good[k], kept[k]) for k in good)
+    assert all(torch.isfinite(v).all() for v in kept.values())
+
+
+def test_two_processes_equal_one_process_on_the_union(data_dir, tmp_path):
+    """torchrun with 2 gloo processes, batch b each == 1 process with batch 2b (SGD, one step)."""
+    common = TINY + ['--data-dir', data_dir, '--opt', 'momentum', '--momentum', '0', '--lr', '0.5',
+                     '--weight-decay', '0', '--epochs', '1', '--max-steps', '1', '--output', tmp_path]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
+           str(ROOT / 'train_joint.py')] + [str(a) for a in common] + [
+           '-b', '4', '--den-batch-size', '3', '--experiment', 'ddp']
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'terminate called' not in res.stderr
+    single = run(common + ['-b', '8', '--den-batch-size', '6', '--experiment', 'single'])
+    init = run(common + ['-b', '8', '--den-batch-size', '6', '--experiment', 'init', '--lr', '0'])
+    a, b, w0 = (_weights(p / 'export' / 'last') for p in (tmp_path / 'ddp', single, init))
+    moved = 0
+    for k in a:
+        # Compare the updates, not the weights: an update is small next to the weights it changes.
+        da, db = a[k] - w0[k], b[k] - w0[k]
+        torch.testing.assert_close(da, db, rtol=1e-3, atol=1e-8, msg=k)
+        moved += int(db.abs().max() > 1e-6)
+    assert moved > len(a) // 2   # the step changed most tensors: the comparison is not vacuous

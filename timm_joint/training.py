@@ -1,0 +1,254 @@
+"""Pieces of ``train_joint.py`` that are worth testing on their own: state, checkpoints, noisy batches,
+validation, the denoising patch schedule.
+"""
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .noise import STREAM_EVAL, add_noise, from_255, seeded_noise
+
+__all__ = [
+    'TrainState', 'CheckpointManager', 'DenoisingStage', 'parse_den_schedule', 'stage_for_epoch',
+    'noisy_batch', 'validate', 'psnr_per_image', 'NonFiniteLossError',
+]
+
+STATE_FILE = 'train_state.json'
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf: training stops, the last good checkpoint stays."""
+
+
+@dataclass
+class TrainState:
+    """Counters a resumed run needs beyond the model, optimizer, scheduler, EMA and RNG states."""
+    epoch: int = 0               # current epoch of the classification loader (denoising for --task denoising)
+    step_in_epoch: int = 0       # batches of that epoch already consumed
+    num_updates: int = 0         # optimizer steps taken
+    den_epoch: int = 0           # pass over the denoising loader (it cycles)
+    den_step: int = 0            # batches of that pass already consumed
+    den_stage: int = 0           # index of the denoising patch schedule stage of den_epoch
+    best_metric: Optional[float] = None
+    best_epoch: Optional[int] = None
+
+    def state_dict(self) -> Dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: Dict) -> None:
+        for k, v in state.items():
+            if hasattr(self, k):
+                setattr(self, k, v)
+
+
+class CheckpointManager:
+    """Accelerate state folders ``checkpoints/step_XXXXXXXX``, written atomically, newest ``keep`` kept.
+
+    Every process calls ``save`` (Accelerate writes one RNG file per rank); the folder is filled under a
+    temporary name and renamed by the main process once complete, so a kill at any moment leaves the
+    previous checkpoint whole. ``latest`` only ever returns complete folders.
+    """
+
+    def __init__(self, root: os.PathLike, keep: int = 2):
+        self.root = Path(root)
+        self.keep = keep
+
+    def _complete(self) -> List[Path]:
+        if not self.root.is_dir():
+            return []
+        dirs = [p for p in self.root.iterdir()
+                if p.is_dir() and p.name.startswith('step_') and not p.name.endswith('.tmp')
+                and (p / STATE_FILE).is_file()]
+        return sorted(dirs, key=lambda p: p.name)
+
+    def latest(self) -> Optional[Path]:
+        dirs = self._complete()
+        return dirs[-1] if dirs else None
+
+    def save(self, accelerator, num_updates: int, meta: Dict) -> Path:
+        final = self.root / f'step_{num_updates:08d}'
+        tmp = self.root / f'step_{num_updates:08d}.tmp'
+        if accelerator.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            # The state file is written last: its presence marks the folder complete.
+            with open(tmp / STATE_FILE, 'w') as f:
+                json.dump(meta, f, indent=2)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in self._complete()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+
+def read_checkpoint_meta(path: os.PathLike) -> Dict:
+    """Read and check a state folder's metadata; ValueError if it is not a complete checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f'--resume {str(path)!r}: no such checkpoint folder')
+    state = path / STATE_FILE
+    if not state.is_file():
+        raise ValueError(
+            f'--resume {str(path)!r} is not a complete checkpoint (no {STATE_FILE}): expected a folder '
+            f'checkpoints/step_XXXXXXXX written by train_joint.py')
+    try:
+        with open(state) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'--resume {str(path)!r}: {STATE_FILE} is corrupt ({e})') from e
+
+
+@dataclass
+class DenoisingStage:
+    """From ``epoch`` on, denoising patches of ``patch_size`` in batches of ``batch_size``."""
+    epoch: int
+    patch_size: int
+    batch_size: int
+
+
+def parse_den_schedule(spec: Optional[Sequence[str]], patch_size: int, batch_size: int) -> List[DenoisingStage]:
+    """Parse ``['0:128:32', '10:160:20', ...]`` (epoch:patch:batch), progressive as in Restormer's training.
+
+    Without a spec, one stage at (patch_size, batch_size).
+    """
+    if not spec:
+        return [DenoisingStage(0, patch_size, batch_size)]
+    stages = []
+    for item in spec:
+        parts = str(item).split(':')
+        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f'--den-schedule entries are EPOCH:PATCH:BATCH (integers), got {item!r}')
+        e, p, b = (int(x) for x in parts)
+        if p <= 0 or b <= 0:
+            raise ValueError(f'--den-schedule patch and batch sizes must be positive, got {item!r}')
+        stages.append(DenoisingStage(e, p, b))
+    stages.sort(key=lambda s: s.epoch)
+    if stages[0].epoch != 0:
+        raise ValueError(f'--den-schedule must start at epoch 0, got {spec}')
+    if len({s.epoch for s in stages}) != len(stages):
+        raise ValueError(f'--den-schedule has two stages starting at the same epoch: {spec}')
+    return stages
+
+
+def stage_for_epoch(stages: Sequence[DenoisingStage], epoch: int) -> int:
+    idx = 0
+    for i, s in enumerate(stages):
+        if s.epoch <= epoch:
+            idx = i
+    return idx
+
+
+def noisy_batch(
+        x: torch.Tensor,
+        indices: torch.Tensor,
+        *,
+        sigma_max: Optional[float] = None,
+        sigma: Optional[float] = None,
+        seed: int,
+        epoch: int,
+        stream: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Noise a batch with draws seeded by (seed, stream, epoch, sample index).
+
+    Returns:
+        (y [B, C, H, W], sigma [B]) on x's device.
+    """
+    sig, eps = seeded_noise(indices, tuple(x.shape[1:]), sigma_max=sigma_max, sigma=sigma,
+                            seed=seed, epoch=epoch, stream=stream)
+    sig = sig.to(x.device)
+    return add_noise(x, sig, eps.to(x.device)), sig
+
+
+def psnr_per_image(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """PSNR per image in dB, peak 1.0, output clamped to [0, 1]: [B]."""
+    mse = (x_hat.clamp(0, 1).float() - x.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
+
+
+@torch.no_grad()
+def validate(
+        model: nn.Module,
+        loader,
+        accelerator,
+        *,
+        acc_sigmas_255: Sequence[float],
+        psnr_sigmas_255: Sequence[float],
+        seed: int,
+        do_cls: bool = True,
+        do_den: bool = True,
+        progress: bool = True,
+) -> Dict[str, float]:
+    """Top-1 at each noise level and blind-denoiser PSNR at each noise level, over the whole loader.
+
+    Noise is seeded by sample index (stream STREAM_EVAL), so the numbers do not depend on the number
+    of processes. Per-sample values are gathered with ``gather_for_metrics`` (no padding duplicates).
+
+    Returns:
+        {'top1_s0': %, 'top1_s25': %, ..., 'psnr_s15': dB, ...}
+    """
+    from tqdm import tqdm
+    model.eval()
+    sums: Dict[str, List[torch.Tensor]] = {}
+    it = tqdm(loader, desc='eval', leave=False, disable=not (progress and accelerator.is_local_main_process))
+    for x, target, idx in it:
+        per_sample = {}
+        if do_cls:
+            for s in acc_sigmas_255:
+                y = x if s == 0 else noisy_batch(x, idx, sigma=from_255(s), seed=seed, epoch=0, stream=STREAM_EVAL)[0]
+                with accelerator.autocast():
+                    logits = model(y)
+                per_sample[f'top1_s{s:g}'] = (logits.argmax(-1) == target).float() * 100
+        if do_den:
+            for s in psnr_sigmas_255:
+                y, _ = noisy_batch(x, idx, sigma=from_255(s), seed=seed, epoch=0, stream=STREAM_EVAL)
+                with accelerator.autocast():
+                    d = model.denoise(y)
+                per_sample[f'psnr_s{s:g}'] = psnr_per_image(d, x)
+        for k, v in per_sample.items():
+            sums.setdefault(k, []).append(accelerator.gather_for_metrics(v.float()))
+    return {k: float(torch.cat(v).mean()) for k, v in sums.items()}
+
+
+def finite_or_raise(loss: torch.Tensor, accelerator, step: int) -> None:
+    """Raise NonFiniteLossError on every rank if any rank's loss is not finite."""
+    bad = torch.tensor([0. if torch.isfinite(loss.detach()).all() else 1.], device=loss.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction='sum')
+    if float(bad) > 0:
+        raise NonFiniteLossError(
+            f'non-finite loss at optimizer step {step}: training stopped; the last good checkpoint '
+            f'and exported weights are kept as they were')
+
+
+def cycle_loader(loader, state: TrainState, skip: int = 0) -> Iterator:
+    """Iterate the denoising loader forever, advancing ``state.den_epoch`` and ``state.den_step``."""
+    first = True
+    while True:
+        if hasattr(loader, 'set_epoch'):
+            loader.set_epoch(state.den_epoch)
+        ds = getattr(loader, 'dataset', None)
+        if hasattr(ds, 'set_epoch'):
+            ds.set_epoch(state.den_epoch)
+        it = loader
+        if first and skip:
+            from accelerate import skip_first_batches
+            it = skip_first_batches(loader, skip)
+        first = False
+        for batch in it:
+            state.den_step += 1
+            yield batch
+        state.den_epoch += 1
+        state.den_step = 0
