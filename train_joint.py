@@ -19,6 +19,7 @@ import gc
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 from collections import OrderedDict
@@ -164,6 +165,7 @@ def _parse_args(argv=None):
             cfg = yaml.safe_load(f) or {}
         if not isinstance(cfg, dict):
             parser.error(f'config file {args_config.config!r} must hold a mapping of argument names to values')
+        cfg.pop('command', None)  # args.yaml records the command line it came from; not an argument
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(cfg) - known)
         if unknown:
@@ -397,6 +399,8 @@ def main(argv=None):
         args_file = output_dir / 'args.yaml'
         if not args_file.exists():
             record = {k: v for k, v in vars(args).items() if k != 'model_kwargs_dict'}
+            record['command'] = ' '.join(shlex.quote(a) for a in [Path(sys.argv[0]).name] + list(
+                argv if argv is not None else sys.argv[1:]))
             tmp = args_file.with_suffix('.yaml.tmp')
             tmp.write_text(yaml.safe_dump(record, sort_keys=True))
             os.replace(tmp, args_file)
