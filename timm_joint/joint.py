@@ -15,6 +15,7 @@ the final feature map that the head pools). ``GradResNet`` inherits it; ``JointD
 brings it to any timm classifier.
 """
 import copy
+import numbers
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -33,24 +34,35 @@ class EnergyHead(nn.Module):
     """The quadratic energy head: bias-free 1x1 maps A_s, one per feature map.
 
     E(y) = 0.5 * sum_s sum_{h,w} ||A_s f_s(y)_{hw}||^2, summed over positions (not averaged), so the
-    denoiser's gain does not depend on the image size. Computed in float32 under autocast.
+    denoiser's gain does not depend on the image size. The 1x1 maps and the squares run in at least
+    float32, with autocast off (float64 maps stay float64).
 
     Args:
         in_channels: Channels of each feature map f_s.
-        init_scale: Scale of A_s at initialisation relative to an orthonormal map.
+        init_scale: Scale of A_s at initialisation: with unit-variance features, ||A f||^2 per
+            position starts near init_scale^2, whatever the width.
+        init: 'orthogonal' (A_s = init_scale / sqrt(C) times an orthogonal matrix) or 'normal'
+            (i.i.d. N(0, (init_scale / C)^2) entries, the same scale in expectation). Use 'normal'
+            when the features end with a per-position normalisation (LayerNorm, RMSNorm: most
+            token models): ||f_hw|| is then constant, so with A^T A proportional to I the energy is
+            constant and D(y) = y at initialisation, with no gradient reaching the backbone.
     """
 
     def __init__(
             self,
             in_channels: Sequence[int],
             init_scale: float = 0.1,
+            init: str = 'orthogonal',
             device=None,
             dtype=None,
     ):
         super().__init__()
+        if init not in ('orthogonal', 'normal'):
+            raise ValueError(f"init must be 'orthogonal' or 'normal', got {init!r}")
         dd = {'device': device, 'dtype': dtype}
         self.in_channels = list(in_channels)
         self.init_scale = init_scale
+        self.init = init
         self.maps = nn.ModuleList([nn.Conv2d(c, c, 1, bias=False, **dd) for c in self.in_channels])
         self.reset_parameters()
 
@@ -59,23 +71,52 @@ class EnergyHead(nn.Module):
             if m.weight.is_meta:
                 continue
             c = m.weight.shape[0]
-            # Orthogonal init scaled by init_scale / sqrt(C): with unit-variance features,
-            # ||A f||^2 per position starts near init_scale^2, whatever the width.
             w = torch.empty(c, c, dtype=torch.float32)
-            nn.init.orthogonal_(w)
+            if self.init == 'orthogonal':
+                nn.init.orthogonal_(w)
+                w = w * self.init_scale / c ** 0.5
+            else:
+                nn.init.normal_(w, std=self.init_scale / c)
             with torch.no_grad():
-                m.weight.copy_((w * self.init_scale / c ** 0.5).view(c, c, 1, 1))
+                m.weight.copy_(w.view(c, c, 1, 1))
 
     def forward(self, maps: List[torch.Tensor]) -> torch.Tensor:
-        """Args: maps: feature maps f_s [B, C_s, H_s, W_s]. Returns: energy [B]."""
+        """Args: maps: feature maps f_s [B, C_s, H_s, W_s].
+
+        Returns: energy [B], float32 (float64 for float64 maps).
+        """
+        if len(self.maps) == 0:
+            raise ValueError('the energy head has no feature maps (was the model pruned?)')
         if len(maps) != len(self.maps):
             raise ValueError(f'expected {len(self.maps)} feature maps, got {len(maps)}')
-        energy = None
-        for f, a in zip(maps, self.maps):
-            z = a(f).float()
+        autocast = False if torch.jit.is_scripting() else _autocast_enabled(maps[0].device.type)
+        energy = torch.zeros(0)
+        for i, a in enumerate(self.maps):
+            f = maps[i]
+            # At least float32 (float64 stays float64, for gradcheck); under autocast the 1x1 map runs
+            # with autocast off, so the squares of a bf16/fp16 backbone's features are not rounded.
+            dtype = torch.promote_types(f.dtype, torch.float32)
+            if autocast:
+                with torch.autocast(device_type=f.device.type, enabled=False):
+                    z = F.conv2d(f.to(dtype), a.weight.to(dtype))
+            else:
+                z = F.conv2d(f.to(dtype), a.weight.to(dtype))
             e = 0.5 * z.pow(2).flatten(1).sum(1)
-            energy = e if energy is None else energy + e
+            energy = e if i == 0 else energy + e
         return energy
+
+
+@torch.jit.unused
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except (RuntimeError, TypeError):  # a device type autocast does not know (e.g. 'meta')
+        return False
+
+
+def _real_dtype(y: torch.Tensor) -> torch.dtype:
+    """The dtype the joint maths runs in for input y: float32, or float64 for float64 inputs."""
+    return torch.promote_types(y.dtype, torch.float32)
 
 
 def _check_image(y: Any, in_chans: int) -> torch.Tensor:
@@ -132,7 +173,7 @@ class JointDensityMixin:
             c: Class, an int or a LongTensor [B]; None for the marginal.
         """
         _check_image(y, self.in_chans)
-        sigma_t = check_sigma(sigma, y.shape[0], device=y.device)
+        sigma_t = check_sigma(sigma, y.shape[0], device=y.device, dtype=_real_dtype(y))
         c_t = self._check_class(c, y.shape[0], y.device) if c is not None else None
         return self._log_prob(y, sigma_t, c_t)
 
@@ -140,18 +181,18 @@ class JointDensityMixin:
         if c is None:
             return -self.energy_head(self.energy_maps(y)) / sigma.pow(2)
         logits, energy = self.forward_joint(y)
-        log_p_c = F.log_softmax(logits.float(), dim=-1).gather(1, c[:, None])[:, 0]
+        log_p_c = F.log_softmax(logits.to(_real_dtype(logits)), dim=-1).gather(1, c[:, None])[:, 0]
         return -energy / sigma.pow(2) + log_p_c
 
     def score(self, y: torch.Tensor, *, sigma: SigmaLike, c: Optional[ClassLike] = None) -> torch.Tensor:
         """grad_y log p_sigma(y[, c]) = (D(y[, c]) - y) / sigma^2, [B, C, H, W]."""
         _check_image(y, self.in_chans)
-        sigma_t = check_sigma(sigma, y.shape[0], device=y.device)
+        sigma_t = check_sigma(sigma, y.shape[0], device=y.device, dtype=_real_dtype(y))
         c_t = self._check_class(c, y.shape[0], y.device) if c is not None else None
         with self._input_grad(y) as (y_in, create_graph):
             lp = self._log_prob(y_in, sigma_t, c_t)
             (g,) = torch.autograd.grad(lp.sum(), y_in, create_graph=create_graph)
-        return g
+            return g
 
     def denoise(
             self,
@@ -177,19 +218,21 @@ class JointDensityMixin:
             Denoised images [B, C, H, W] (not clamped).
         """
         _check_image(y, self.in_chans)
-        sigma_t = check_sigma(sigma, y.shape[0], device=y.device) if sigma is not None else None
+        sigma_t = None if sigma is None else check_sigma(sigma, y.shape[0], device=y.device, dtype=_real_dtype(y))
         if c is None:
             with self._input_grad(y) as (y_in, create_graph):
                 energy = self.energy_head(self.energy_maps(y_in))
                 (g,) = torch.autograd.grad(energy.sum(), y_in, create_graph=create_graph)
-            return y - g.to(y.dtype)
+                # Inside the grad-enabled context: when a graph was built, the output carries it,
+                # even under torch.no_grad() (y_in is y itself when y requires grad).
+                return y - g.to(y.dtype)
         if sigma_t is None:
             raise ValueError('class-conditional denoising needs the noise level: denoise(y, sigma=..., c=...)')
         c_t = self._check_class(c, y.shape[0], y.device)
         with self._input_grad(y) as (y_in, create_graph):
             lp = self._log_prob(y_in, sigma_t, c_t)
             (g,) = torch.autograd.grad(lp.sum(), y_in, create_graph=create_graph)
-        return y + sigma_t.pow(2).view(-1, 1, 1, 1).to(g) * g.to(y.dtype)
+            return y + sigma_t.pow(2).view(-1, 1, 1, 1).to(g) * g.to(y.dtype)
 
     def adversarial_gradient(self, y: torch.Tensor, *, c: ClassLike) -> torch.Tensor:
         """grad_y log p(c | y), [B, C, H, W]; equals (D(y, c) - D(y)) / sigma^2 for every sigma."""
@@ -197,9 +240,9 @@ class JointDensityMixin:
         c_t = self._check_class(c, y.shape[0], y.device)
         with self._input_grad(y) as (y_in, create_graph):
             logits = self.forward_head(self.forward_features(y_in))
-            lp = F.log_softmax(logits.float(), dim=-1).gather(1, c_t[:, None])[:, 0]
+            lp = F.log_softmax(logits.to(_real_dtype(logits)), dim=-1).gather(1, c_t[:, None])[:, 0]
             (g,) = torch.autograd.grad(lp.sum(), y_in, create_graph=create_graph)
-        return g
+            return g
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -207,7 +250,7 @@ class JointDensityMixin:
         num_classes = getattr(self, 'num_classes', 0)
         if not num_classes:
             raise ValueError('class-conditional methods need a classifier head (num_classes > 0)')
-        if isinstance(c, bool) or not isinstance(c, (int, torch.Tensor)):
+        if isinstance(c, bool) or not isinstance(c, (numbers.Integral, torch.Tensor)):
             raise TypeError(f'c must be an int or a LongTensor [B], got {type(c).__name__}')
         if isinstance(c, torch.Tensor):
             if c.is_floating_point() or c.is_complex() or c.dtype == torch.bool:
@@ -216,7 +259,7 @@ class JointDensityMixin:
                 raise ValueError(f'c must be an int or a tensor of shape [B]=[{batch_size}], got shape {list(c.shape)}')
             c_t = c.to(device=device, dtype=torch.long).expand(batch_size)
         else:
-            c_t = torch.full((batch_size,), c, device=device, dtype=torch.long)
+            c_t = torch.full((batch_size,), int(c), device=device, dtype=torch.long)
         if bool((c_t < 0).any()) or bool((c_t >= num_classes).any()):
             raise ValueError(f'class index out of range: expected 0 <= c < {num_classes}, got {c}')
         return c_t
@@ -251,6 +294,21 @@ class _InputGrad:
         return self._grad_ctx.__exit__(*exc)
 
 
+def _wrapped_in_chans(model: nn.Module, cfg: Dict[str, Any], default: int) -> int:
+    # The first conv's weight is the truth: timm keeps the 3-channel cfg when in_chans is overridden.
+    first_conv = cfg.get('first_conv')
+    if isinstance(first_conv, (list, tuple)):
+        first_conv = first_conv[0] if first_conv else None
+    if first_conv:
+        try:
+            weight = model.get_submodule(first_conv).weight
+            if weight.ndim >= 2:
+                return int(weight.shape[1])
+        except AttributeError:
+            pass
+    return int(cfg.get('input_size', (default, 0, 0))[0])
+
+
 class JointDensityWrapper(JointDensityMixin, nn.Module):
     """Joint-density methods around any timm classifier.
 
@@ -262,6 +320,11 @@ class JointDensityWrapper(JointDensityMixin, nn.Module):
         model: A timm classifier (``forward_features`` / ``forward_head``).
         energy_init_scale: Initial scale of the energy head (see ``EnergyHead``).
         warn_untrained: Warn that the energy head is untrained (set False when loading weights).
+        energy_init: Init of the energy head, 'normal' by default: many timm models end with a
+            per-position LayerNorm, for which an orthogonal init gives a constant energy (see
+            ``EnergyHead``).
+        unfuse_attention: Switch timm attention blocks (``fused_attn``) to the explicit path, whose
+            double backward exists (the fused kernels have none); the outputs are the same.
 
     Example:
         >>> import timm, torch, timm_joint
@@ -271,24 +334,41 @@ class JointDensityWrapper(JointDensityMixin, nn.Module):
         torch.Size([2, 3, 32, 32])
     """
 
-    def __init__(self, model: nn.Module, energy_init_scale: float = 0.1, warn_untrained: bool = True):
+    def __init__(
+            self,
+            model: nn.Module,
+            energy_init_scale: float = 0.1,
+            warn_untrained: bool = True,
+            unfuse_attention: bool = True,
+            energy_init: str = 'normal',
+    ):
         super().__init__()
         if not (hasattr(model, 'forward_features') and hasattr(model, 'forward_head')):
             raise TypeError('JointDensityWrapper needs a timm classifier with forward_features and forward_head')
         self.model = model
+        if unfuse_attention:
+            # Fused attention (F.scaled_dot_product_attention) has no double backward, which the
+            # denoising loss and attacks through D need ('derivative for
+            # aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented'):
+            # switch timm's attention blocks to their explicit softmax(q k^T) v path.
+            for m in model.modules():
+                if isinstance(getattr(m, 'fused_attn', None), bool):
+                    m.fused_attn = False
         cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
         mean = cfg.get('mean', (0., 0., 0.))
         std = cfg.get('std', (1., 1., 1.))
-        self.in_chans = int(cfg.get('input_size', (len(mean), 0, 0))[0])
+        self.in_chans = _wrapped_in_chans(model, cfg, len(mean))
         if len(mean) != self.in_chans:
-            mean, std = (mean[0],) * self.in_chans, (std[0],) * self.in_chans
+            # e.g. create_model(..., in_chans=1) keeps the 3-channel cfg: use the mean of its stats.
+            mean = (sum(mean) / len(mean),) * self.in_chans
+            std = (sum(std) / len(std),) * self.in_chans
         p = next(model.parameters())
         self.register_buffer('mean', torch.tensor(mean, dtype=p.dtype, device=p.device).view(1, -1, 1, 1))
         self.register_buffer('std', torch.tensor(std, dtype=p.dtype, device=p.device).view(1, -1, 1, 1))
         self.pretrained_cfg = copy.deepcopy(cfg)
         self.pretrained_cfg.update(mean=(0.,) * self.in_chans, std=(1.,) * self.in_chans)
         self.default_cfg = self.pretrained_cfg
-        self.energy_head = EnergyHead([model.num_features], init_scale=energy_init_scale,
+        self.energy_head = EnergyHead([model.num_features], init_scale=energy_init_scale, init=energy_init,
                                       device=p.device, dtype=p.dtype)
         if warn_untrained:
             warnings.warn(
@@ -317,11 +397,13 @@ class JointDensityWrapper(JointDensityMixin, nn.Module):
         x = self.forward_features(y)
         return self.forward_head(x), self.energy_head([self._as_map(x)])
 
-    @staticmethod
-    def _as_map(x: torch.Tensor) -> torch.Tensor:
-        # Token models give [B, N, C]; the energy head works on [B, C, H, W] maps.
+    def _as_map(self, x: torch.Tensor) -> torch.Tensor:
+        # The energy head works on [B, C, H, W] maps. Token models give [B, N, C] (all tokens,
+        # prefix tokens included, enter the sum); some timm models (Swin) give NHWC maps.
         if x.ndim == 3:
             return x.transpose(1, 2).unsqueeze(-1)
+        if x.ndim == 4 and getattr(self.model, 'output_fmt', 'NCHW') == 'NHWC':
+            return x.permute(0, 3, 1, 2)
         return x
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,11 @@ Noise used in training and evaluation is drawn from generators seeded per (seed,
 sample index), never per rank or per process: a sample gets the same noise whatever the number of
 processes, and a run resumed in the middle of an epoch redraws exactly what it would have drawn.
 """
+import numbers
 import warnings
 from typing import Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 SigmaLike = Union[float, int, torch.Tensor]
@@ -56,7 +58,8 @@ def check_sigma(
         TypeError: sigma is not a number or a tensor.
         ValueError: sigma is not finite and positive, or not of shape [] or [B].
     """
-    if isinstance(sigma, bool) or not isinstance(sigma, (float, int, torch.Tensor)):
+    # numbers.Real: Python and numpy scalars alike (np.float32 is not a float).
+    if isinstance(sigma, bool) or not isinstance(sigma, (numbers.Real, torch.Tensor)):
         raise TypeError(
             f'sigma must be a float in pixel units of [0, 1] images (e.g. 25/255) or a tensor [B], '
             f'got {type(sigma).__name__}')
@@ -96,13 +99,17 @@ def sample_sigma(
     return sigma_max * u * u
 
 
-def _sample_generator(seed: int, stream: int, epoch: int, index: int) -> torch.Generator:
-    # A fixed odd-multiplier mix keeps (seed, stream, epoch, index) -> seed injective for all
-    # realistic ranges (index < 2**31, epoch < 2**20, stream < 8) and stable across Python runs.
-    mixed = (((int(seed) * 8 + int(stream)) * (1 << 20) + int(epoch)) * (1 << 31) + int(index))
-    g = torch.Generator()
-    g.manual_seed(mixed % (1 << 63))
-    return g
+def _sample_rng(seed: int, stream: int, epoch: int, index: int) -> np.random.Generator:
+    """A generator of its own for one (seed, stream, epoch, sample index).
+
+    Not a torch.Generator: its Mersenne Twister keeps only the low 32 bits of a seed, so packing the
+    four numbers into one seed made different streams, seeds and even epochs (all but the parity)
+    draw the same noise. numpy's SeedSequence hashes the whole tuple into the generator's state.
+    """
+    key = [int(seed), int(stream), int(epoch), int(index)]
+    if min(key) < 0:
+        raise ValueError(f'seed, stream, epoch and sample index must be >= 0, got {key}')
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(key)))
 
 
 def seeded_noise(
@@ -139,16 +146,13 @@ def seeded_noise(
         indices = indices.tolist()
     sigmas, eps = [], []
     for index in indices:
-        g = _sample_generator(seed, stream, epoch, index)
-        if sigma_max is not None:
-            u = torch.rand((), generator=g)
-            sigmas.append(sigma_max * u * u)
-        else:
-            sigmas.append(torch.tensor(float(sigma)))
-        eps.append(torch.randn(shape, generator=g))
+        rng = _sample_rng(seed, stream, epoch, index)
+        u = rng.random()  # drawn either way, so that eps does not depend on how sigma is chosen
+        sigmas.append(sigma_max * u * u if sigma_max is not None else float(sigma))
+        eps.append(torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)))
     if not eps:
         return torch.zeros(0), torch.zeros((0, *shape))
-    return torch.stack(sigmas).float(), torch.stack(eps)
+    return torch.tensor(sigmas, dtype=torch.float32), torch.stack(eps)
 
 
 def add_noise(x: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

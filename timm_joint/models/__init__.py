@@ -1,3 +1,5 @@
-"""Models registered with timm on import."""
+"""Models registered with timm on import (``python -m timm_joint.models`` prints the model table)."""
 from .gradresnet import *  # noqa: F401,F403  (registers the entry points)
 from .gradresnet import GradResNet, HF_HUB_ORG
+
+__all__ = ['GradResNet', 'HF_HUB_ORG']

@@ -61,9 +61,8 @@ class GroupNormScale(nn.GroupNorm):
 
 
 def _make_norm(norm_layer: Callable, num_channels: int, bias: bool, dd: Dict[str, Any]) -> nn.Module:
-    if isinstance(norm_layer, type) and issubclass(norm_layer, GroupNormScale):
-        return norm_layer(num_channels, bias=bias, **dd)
-    if isinstance(norm_layer, partial) and isinstance(norm_layer.func, type) and issubclass(norm_layer.func, GroupNormScale):
+    cls = norm_layer.func if isinstance(norm_layer, partial) else norm_layer
+    if isinstance(cls, type) and issubclass(cls, GroupNormScale):
         return norm_layer(num_channels, bias=bias, **dd)
     norm = norm_layer(num_channels, **dd)
     if not bias and getattr(norm, 'bias', None) is not None:
@@ -206,7 +205,7 @@ class GradResNet(JointDensityMixin, nn.Module):
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = channels[-1]
 
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.global_pool = _make_pool(global_pool)
         self.fc = nn.Linear(self.num_features, num_classes, bias=bias, **dd) if num_classes > 0 else nn.Identity()
         self._fc_bias = bias
         energy_chs = list(channels) if side_energy else [channels[-1]]
@@ -240,10 +239,11 @@ class GradResNet(JointDensityMixin, nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        ref = self.energy_head.maps[-1].weight
+            self.global_pool = _make_pool(global_pool)
+        ref = next(self.parameters())  # the new head lives where the model lives (meta, float64...)
         self.fc = (nn.Linear(self.num_features, num_classes, bias=self._fc_bias, device=ref.device, dtype=ref.dtype)
                    if num_classes > 0 else nn.Identity())
+        self.fc.train(self.training)
 
     def forward_intermediates(
             self,
@@ -290,10 +290,15 @@ class GradResNet(JointDensityMixin, nn.Module):
     ) -> List[int]:
         """Drop the stages (and head) after the last requested intermediate."""
         take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        prune_end = max_index < len(self.stages)
         self.stages = self.stages[:max_index]
-        prune_end = max_index < len(self.feature_info) - 1
         if prune_end:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            # Keep the energy a function of what is left: the side terms of the kept stages; without
+            # side terms the final-map term is gone too (energy_head then raises a clear error).
+            n_keep = max_index if self.side_energy else 0
+            self.energy_head.maps = self.energy_head.maps[:n_keep]
+            self.energy_head.in_channels = self.energy_head.in_channels[:n_keep]
         if prune_head or prune_end:
             self.reset_classifier(0, '')
         return take_indices
@@ -333,6 +338,12 @@ class GradResNet(JointDensityMixin, nn.Module):
         return x
 
 
+def _make_pool(global_pool: str) -> SelectAdaptivePool2d:
+    # Flatten only after an actual pooling: with global_pool='' the head passes the map through
+    # [B, C, H, W] (timm's convention, checked by its default-cfg test).
+    return SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+
+
 def _resolve_norm(norm_layer: Union[str, Callable]) -> Callable:
     if not isinstance(norm_layer, str):
         return norm_layer
@@ -347,10 +358,12 @@ def _resolve_norm(norm_layer: Union[str, Callable]) -> Callable:
 
 
 def _create_gradresnet(variant: str, pretrained: bool = False, **kwargs) -> GradResNet:
+    # features_only: by default every feature (stem + each stage); timm's default (0..4) assumes 4 stages.
+    num_stages = len(kwargs.get('layers', (2, 2, 2, 2)))
     try:
         return build_model_with_cfg(
             GradResNet, variant, pretrained,
-            feature_cfg=dict(flatten_sequential=True),
+            feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_stages + 1))),
             **kwargs,
         )
     except Exception as e:

@@ -1,0 +1,353 @@
+"""timm's model checks for every registered GradResNet, the ablation flags, and the autograd contract.
+
+Models are built small (num_classes=3) and run at odd sizes (13x11; 65x63 for the 224 px stem);
+the default-config shape check runs on the meta device, so no full-size forward is paid for.
+"""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import timm
+from timm.models import FeatureListNet, group_parameters
+
+import timm_joint
+from timm_joint.losses import JointLoss, JointObjective
+from timm_joint.models.gradresnet import GroupNormScale
+
+from conftest import make_small_gradresnet, rand_images
+
+MODEL_NAMES = timm.list_models('gradresnet*')
+NUM_CLASSES = 3
+
+
+def _odd_input(name: str, batch_size: int = 3, dtype=torch.float32) -> torch.Tensor:
+    size = (65, 63) if '224' in name else (13, 11)
+    return rand_images(batch_size, 3, *size, dtype=dtype, seed=batch_size)
+
+
+def _grads(model: nn.Module):
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def _joint_step(model: nn.Module, y_cls, y_den, x_den, target, lambda_den: float = 1.0):
+    """One joint forward + backward (train mode); returns (outputs, loss terms)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = JointObjective(model)(y_cls, y_den)
+    terms = JointLoss(lambda_den=lambda_den)(out, target, x_den)
+    terms['loss'].backward()
+    return out, terms
+
+
+def test_registry_lists_the_documented_models():
+    assert {'gradresnet18_joint', 'gradresnet18_joint_224', 'gradresnet10_joint',
+            'gradresnet_tiny_joint'} <= set(MODEL_NAMES)
+    assert set(timm.list_models(pretrained=True, filter='gradresnet*')) >= {
+        f'{n}.{timm.models.get_pretrained_cfg(n).tag}' for n in MODEL_NAMES}
+
+
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_forward_backward_at_odd_sizes(name):
+    model = timm.create_model(name, num_classes=NUM_CLASSES)
+    for batch_size in (1, 3):
+        model.zero_grad(set_to_none=True)
+        x = _odd_input(name, batch_size)
+        out = model(x)
+        assert out.shape == (batch_size, NUM_CLASSES)
+        assert torch.isfinite(out).all()
+        out.mean().backward()
+        # The classification forward reaches every parameter except the energy head's, which only
+        # the denoiser uses (timm's own check would flag exactly these).
+        no_grad = {n for n, p in model.named_parameters() if p.grad is None}
+        assert no_grad == {n for n, _ in model.named_parameters() if n.startswith('energy_head.')}
+
+
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_joint_loss_gives_every_parameter_a_grad(name):
+    model = timm.create_model(name, num_classes=NUM_CLASSES)
+    x = _odd_input(name)
+    y = x + 0.1 * torch.randn_like(x)
+    _joint_step(model, y, y, x, torch.tensor([0, 1, 2]))
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_default_cfg_agrees_with_model(name):
+    model = timm.create_model(name, device='meta')  # shapes only: no compute at the full input size
+    cfg = model.pretrained_cfg
+    state = model.state_dict()
+    assert cfg['first_conv'] + '.weight' in state and cfg['classifier'] + '.weight' in state
+    assert state[cfg['first_conv'] + '.weight'].shape[1] == cfg['input_size'][0]
+    assert state[cfg['classifier'] + '.weight'].shape == (cfg['num_classes'], model.num_features)
+    assert cfg['mean'] == (0., 0., 0.) and cfg['std'] == (1., 1., 1.)
+    assert cfg['hf_hub_id'].startswith(timm_joint.HF_HUB_ORG + '/')
+    assert cfg['license'] and cfg['paper_ids']
+
+    x = torch.empty(2, *cfg['input_size'], device='meta')
+    feat = model.forward_features(x)
+    assert feat.shape == (2, model.num_features, *cfg['pool_size'])
+    assert model.forward_head(feat, pre_logits=True).shape == (2, model.num_features)
+    assert model(x).shape == (2, cfg['num_classes'])
+    assert model.feature_info[-1]['num_chs'] == model.num_features
+    assert cfg['input_size'][1] // model.feature_info[-1]['reduction'] == cfg['pool_size'][0]
+
+
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_reset_classifier(name):
+    model = timm.create_model(name, num_classes=NUM_CLASSES)
+    x = _odd_input(name, 1)
+    feat = model.forward_features(x)
+    model.reset_classifier(0)
+    assert isinstance(model.get_classifier(), nn.Identity) and model(x).shape == (1, model.num_features)
+    model.reset_classifier(0, '')  # no pooling: forward gives the final map
+    assert model(x).shape == feat.shape
+    model.reset_classifier(7, 'avg')
+    assert model(x).shape == (1, 7) and model.get_classifier().out_features == 7
+    assert model.get_classifier().bias is None  # bias-free head, as built
+
+
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_device_and_dtype_keywords(name):
+    meta = timm.create_model(name, num_classes=NUM_CLASSES, device='meta')
+    assert all(p.device.type == 'meta' for p in meta.parameters())
+    meta.reset_classifier(5)
+    assert meta.get_classifier().weight.device.type == 'meta'
+
+    model = timm.create_model(name, num_classes=NUM_CLASSES, dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    x = _odd_input(name, 1, dtype=torch.float64)
+    assert model(x).dtype == torch.float64
+    assert model.eval().energy(x).dtype == torch.float64
+
+    with pytest.raises(TypeError):
+        timm.create_model(name, num_classes=NUM_CLASSES, not_an_argument=1)
+
+
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_group_matcher(name):
+    model = timm.create_model(name, num_classes=NUM_CLASSES)
+    for coarse in (False, True):
+        groups = group_parameters(model, model.group_matcher(coarse=coarse))
+        assert len(groups) > 1
+        grouped = [n for names in groups.values() for n in names]
+        assert sorted(grouped) == sorted(n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_features_only_and_forward_intermediates(name):
+    model = timm.create_model(name, num_classes=NUM_CLASSES).eval()
+    x = _odd_input(name, 1)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+        assert len(inter) == len(model.feature_info)
+        for t, info in zip(inter, model.feature_info):
+            assert t.shape[1] == info['num_chs']
+            assert t.shape[2] == -(-x.shape[2] // info['reduction'])
+        # timm's hook-free feature wrapper over the same modules: the same tensors.
+        feats = FeatureListNet(model, out_indices=tuple(range(len(model.feature_info))),
+                               flatten_sequential=True)(x)
+        for a, b in zip(feats, inter):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        last2 = model.forward_intermediates(x, indices=2, intermediates_only=True, stop_early=True)
+        for a, b in zip(last2, inter[-2:]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    fo = timm.create_model(name, features_only=True).eval()
+    assert fo.feature_info.channels() == [i['num_chs'] for i in model.feature_info]
+    assert [t.shape[1] for t in fo(x)] == fo.feature_info.channels()
+    getter = timm.create_model(name, features_only=True, feature_cls='getter', out_indices=(1, 2))
+    assert [t.shape[1] for t in getter(x)] == [model.feature_info[i]['num_chs'] for i in (1, 2)]
+
+
+def test_prune_intermediate_layers_keeps_a_consistent_model():
+    model = make_small_gradresnet(layers=(1, 1, 1), channels=(8, 16, 32))
+    y = rand_images(1, 3, 13, 11)
+    with torch.no_grad():
+        inter = model.forward_intermediates(y, intermediates_only=True)
+    model.prune_intermediate_layers(indices=[1, 2])
+    assert model.num_features == 16 and len(model.stages) == 2
+    assert model(y).shape == inter[2].shape  # head pruned: the last kept map
+    # The energy keeps the side terms of the stages left, and stays a gradient field.
+    assert len(model.energy_head.maps) == 2
+    assert torch.equal(model.denoise(torch.zeros_like(y)), torch.zeros_like(y))
+
+
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients(name):
+    # Non-reentrant checkpointing must survive the double backward of the denoising loss.
+    x = rand_images(2, 3, *((33, 31) if '224' in name else (9, 7)), dtype=torch.float32)
+    y = x + 0.1 * torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 2])
+    results = []
+    for ckpt in (False, True):
+        model = timm.create_model(name, num_classes=NUM_CLASSES)
+        if results:  # the same weights as the run without checkpointing
+            model.load_state_dict(results[0][3])
+        model.set_grad_checkpointing(ckpt)
+        out, terms = _joint_step(model, y, y, x, target)
+        d_eval = model.eval().denoise(y)
+        results.append((out, terms, _grads(model), model.state_dict(), d_eval))
+    (out0, terms0, g0, _, d0), (out1, terms1, g1, _, d1) = results
+    tol = dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out1['denoised'], out0['denoised'], **tol)
+    torch.testing.assert_close(terms1['loss'], terms0['loss'], **tol)
+    torch.testing.assert_close(d1, d0, **tol)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        assert g0[n] is not None and g0[n].abs().sum() > 0, n
+        torch.testing.assert_close(g1[n], g0[n], **tol, msg=n)
+
+
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_torchscript_and_fx_match_eager(name):
+    model = timm.create_model(name, num_classes=NUM_CLASSES).eval()
+    x = _odd_input(name, 3)
+    with torch.no_grad():
+        ref = model(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', FutureWarning)  # torch.jit.script is deprecated, still used
+            scripted = torch.jit.script(model)
+        torch.testing.assert_close(scripted(x), ref)
+        traced = torch.fx.symbolic_trace(model)
+        torch.testing.assert_close(traced(x), ref)
+    fx_feats = timm.create_model(name, features_only=True, feature_cls='fx').eval()
+    assert [t.shape[1] for t in fx_feats(x)] == [i['num_chs'] for i in model.feature_info]
+
+
+ABLATIONS = {
+    'act_layer': ('relu', lambda m: any(isinstance(a, nn.ReLU) for a in m.modules())
+                  and not any(isinstance(a, nn.GELU) for a in m.modules())),
+    'norm_layer': ('batchnorm', lambda m: any(isinstance(a, nn.BatchNorm2d) for a in m.modules())
+                   and not any(isinstance(a, nn.GroupNorm) for a in m.modules())),
+    'norm_position': ('conv', lambda m: sum(isinstance(a, GroupNormScale) for a in m.modules())
+                      > sum(len(s) for s in m.stages)),
+    'bias': (True, lambda m: m.stem[0].bias is not None and m.get_classifier().bias is not None),
+    'side_energy': (False, lambda m: len(m.energy_head.maps) == 1),
+}
+
+
+@pytest.mark.parametrize('flag', sorted(ABLATIONS))
+def test_ablation_flags_build_and_run(flag):
+    value, changed = ABLATIONS[flag]
+    model = timm.create_model('gradresnet_tiny_joint', num_classes=NUM_CLASSES, **{flag: value})
+    assert changed(model)
+    if flag != 'bias':  # bias-free stays bias-free whatever else changes
+        assert not any(n.endswith('.bias') for n, _ in model.named_parameters())
+    x = rand_images(3, 3, 13, 11, dtype=torch.float32)
+    _, terms = _joint_step(model, x + 0.1, x + 0.1, x, torch.tensor([0, 1, 2]))
+    assert torch.isfinite(terms['loss'])
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+    model.eval()
+    assert model.denoise(x).shape == x.shape and model(x).shape == (3, NUM_CLASSES)
+
+
+def test_in_chans_keyword():
+    model = timm.create_model('gradresnet_tiny_joint', num_classes=NUM_CLASSES, in_chans=1).eval()
+    y = rand_images(2, 1, 13, 11, dtype=torch.float32)
+    assert model(y).shape == (2, NUM_CLASSES) and model.denoise(y).shape == y.shape
+
+
+# -- the autograd contract (DESIGN §4) ---------------------------------------------------------
+
+def test_denoising_loss_reaches_backbone_and_energy_head_classification_loss_the_classifier():
+    model = timm.create_model('gradresnet_tiny_joint', num_classes=NUM_CLASSES, dtype=torch.float64)
+    x = rand_images(3, 3, 13, 11)
+    y = x + 0.1 * torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    classifier = {n for n, _ in model.named_parameters() if n.startswith('fc.')}
+    assert classifier
+
+    _joint_step(model, None, y, x, None)  # denoising term only: double backward into the weights
+    for n, p in model.named_parameters():
+        if n in classifier:
+            assert p.grad is None, n  # the energy does not involve the classifier
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+    _joint_step(model, y, None, None, torch.tensor([0, 1, 2]))  # classification term only
+    for n, p in model.named_parameters():
+        if n.startswith('energy_head.'):
+            assert p.grad is None, n
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_denoise_under_no_grad_equals_grad_enabled(small_model, train):
+    small_model.train(train)
+    y = rand_images(3, 3, 13, 11)
+    with torch.no_grad():
+        d_ng, dc_ng = small_model.denoise(y), small_model.denoise(y, sigma=0.1, c=1)
+        s_ng = small_model.score(y, sigma=0.1)
+    d, dc, s = small_model.denoise(y), small_model.denoise(y, sigma=0.1, c=1), small_model.score(y, sigma=0.1)
+    torch.testing.assert_close(d_ng, d, rtol=0, atol=0)
+    torch.testing.assert_close(dc_ng, dc, rtol=0, atol=0)
+    torch.testing.assert_close(s_ng, s, rtol=0, atol=0)
+    # Training mode builds the graph (the loss differentiates through D), even under no_grad.
+    assert d_ng.requires_grad == train and d.requires_grad == train
+
+
+def test_eval_denoise_builds_no_graph_and_leaves_grads_none(small_model):
+    y = rand_images(3, 3, 13, 11)
+    outs = [small_model.denoise(y), small_model.denoise(y, sigma=0.1, c=2),
+            small_model.score(y, sigma=0.1, c=2), small_model.adversarial_gradient(y, c=2)]
+    assert not any(o.requires_grad for o in outs)
+    assert all(p.grad is None for p in small_model.parameters())
+    assert not y.requires_grad
+
+
+@pytest.mark.parametrize('with_class', [False, True])
+def test_input_requiring_grad_gets_the_true_input_gradient(small_model, with_class):
+    # What an attack or a plug-and-play solver sees: d<v, D(y)>/dy by autograd against a central
+    # finite difference of D along v (J^T v == J v, as J is symmetric).
+    y = rand_images(1, 3, 9, 7)
+    v = rand_images(1, 3, 9, 7, seed=5) - 0.5
+    kw = dict(sigma=0.2, c=1) if with_class else {}
+    y_req = y.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad((small_model.denoise(y_req, **kw) * v).sum(), y_req)
+    h = 1e-5
+    fd = (small_model.denoise(y + h * v, **kw) - small_model.denoise(y - h * v, **kw)) / (2 * h)
+    assert (g - v).abs().max() > 1e-4  # not the identity: the Hessian term is seen
+    torch.testing.assert_close(g, fd, rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in small_model.parameters())
+
+
+def test_inference_mode_raises_a_clear_error(small_model):
+    y = rand_images(1, 3, 13, 11)
+    with torch.inference_mode():
+        assert small_model.energy(y).shape == (1,)  # no input gradient needed
+        for call in (lambda: small_model.denoise(y), lambda: small_model.score(y, sigma=0.1),
+                     lambda: small_model.denoise(y, sigma=0.1, c=0),
+                     lambda: small_model.adversarial_gradient(y, c=0)):
+            with pytest.raises(RuntimeError, match='inference_mode.*no_grad'):
+                call()
+
+
+def test_model_table_counts_params_and_flops():
+    # The README table's figures (python -m timm_joint.models) against a count by hand: 2 FLOPs per
+    # multiply-add of every conv and linear layer, from the output shapes forward hooks record.
+    from timm_joint.models.__main__ import markdown_table, model_rows
+    (row,) = model_rows('gradresnet_tiny_joint')
+    model = timm.create_model('gradresnet_tiny_joint').eval()
+    by_hand = []
+
+    def hook(m, inp, out):
+        if isinstance(m, nn.Conv2d):
+            by_hand.append(2 * out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1])
+        else:
+            by_hand.append(2 * out.numel() * m.in_features)
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model(torch.rand(1, 3, 32, 32))
+    assert row['flops_classify'] == sum(by_hand)
+    assert row['params'] == sum(p.numel() for p in model.parameters())
+    assert row['stem'] == '3x3 s1' and row['input_size'] == (32, 32) and row['tags'] == ['cifar10']
+    # Denoising adds the energy head and an input-gradient backward: between 1.5x and 3x a forward.
+    assert 1.5 * row['flops_classify'] < row['flops_denoise'] < 3 * row['flops_classify']
+    assert '`gradresnet_tiny_joint`' in markdown_table([row])
