@@ -15,6 +15,7 @@ Accelerate handles devices, mixed precision (bf16), gradient accumulation, DDP a
 timm gives datasets, transforms, Mixup, optimizers, schedulers, EMA and summary.csv.
 """
 import argparse
+import copy
 import gc
 import logging
 import math
@@ -158,20 +159,22 @@ group.add_argument('--no-progress', action='store_true', default=False, help='no
 def _parse_args(argv=None):
     """Two-stage parse: YAML config values become defaults, the command line overrides them."""
     args_config, remaining = config_parser.parse_known_args(argv)
+    # A copy, so a config's defaults never leak into a later call in the same process.
+    parser_ = copy.deepcopy(parser)
     if args_config.config:
         if not os.path.isfile(args_config.config):
-            parser.error(f'config file {args_config.config!r} not found')
+            parser_.error(f'config file {args_config.config!r} not found')
         with open(args_config.config, 'r') as f:
             cfg = yaml.safe_load(f) or {}
         if not isinstance(cfg, dict):
-            parser.error(f'config file {args_config.config!r} must hold a mapping of argument names to values')
+            parser_.error(f'config file {args_config.config!r} must hold a mapping of argument names to values')
         cfg.pop('command', None)  # args.yaml records the command line it came from; not an argument
-        known = {a.dest for a in parser._actions}
+        known = {a.dest for a in parser_._actions}
         unknown = sorted(set(cfg) - known)
         if unknown:
-            parser.error(f'unknown keys in {args_config.config}: {unknown}')
-        parser.set_defaults(**cfg)
-    args = parser.parse_args(remaining)
+            parser_.error(f'unknown keys in {args_config.config}: {unknown}')
+        parser_.set_defaults(**cfg)
+    args = parser_.parse_args(remaining)
     args.config = args_config.config
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False, sort_keys=True)
     return args, args_text

@@ -115,6 +115,8 @@ def test_yaml_defaults_and_cli_precedence(tmp_path):
     bad.write_text(yaml.safe_dump({'learning_rate': 0.1}))
     with pytest.raises(SystemExit):
         train_joint._parse_args(['-c', str(bad)])
+    # a config's values do not leak into a later parse in the same process
+    assert train_joint._parse_args([])[0].lr == train_joint.parser.get_default('lr') != 0.5
 
 
 @pytest.mark.parametrize('extra, message', [
