@@ -490,7 +490,7 @@ def main(argv=None):
                         y_den, sigma_den = noisy_batch(x_den, idx_den, sigma_max=den_sigma_max, seed=args.seed,
                                                        epoch=state.den_epoch, stream=STREAM_DEN)
                     with accelerator.autocast():
-                        out = objective(y_cls, y_den)
+                        out = objective(y_cls, y_den, sigma_den)
                     terms = loss_fn(out, target, x_den, sigma_den)
                     finite_or_raise(terms['loss'], accelerator, state.num_updates + 1)
                     accelerator.backward(terms['loss'])

@@ -192,3 +192,17 @@ def test_two_processes_equal_one_process_on_the_union(data_dir, tmp_path):
         torch.testing.assert_close(da, db, rtol=1e-3, atol=1e-8, msg=k)
         moved += int(db.abs().max() > 1e-6)
     assert moved > len(a) // 2   # the step changed most tensors: the comparison is not vacuous
+
+
+def test_denoising_baselines_train_with_the_same_script(data_dir, tmp_path):
+    pytest.importorskip('deepinv')
+    import timm
+    for name, kwargs in (('dncnn_deepinv', ['depth=3', 'width=8']), ('drunet_deepinv', ['width=4', 'num_blocks=1'])):
+        out = run(['--model', name, '--model-kwargs', *kwargs, '--task', 'denoising', '--img-size', '16',
+                   '-j', '0', '--no-progress', '--data-dir', data_dir, '-b', '6', '--epochs', '1',
+                   '--max-steps', '2', '--output', tmp_path, '--experiment', name])
+        rows = list(csv.DictReader(open(out / 'summary.csv')))
+        assert float(rows[0]['eval_psnr_s25']) > 0 and 'eval_top1_s0' not in rows[0]
+        net = timm.create_model(f'local-dir:{out / "export" / "last"}', pretrained=True).eval()
+        y = torch.rand(2, 3, 16, 16)
+        assert net.denoise(y, sigma=25 / 255).shape == y.shape

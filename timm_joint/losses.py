@@ -42,10 +42,13 @@ class JointObjective(nn.Module):
             self,
             y_cls: Optional[torch.Tensor] = None,
             y_den: Optional[torch.Tensor] = None,
+            sigma_den: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """Args:
             y_cls: Noisy classification batch [B, C, H, W] (tasks 'joint', 'classification').
             y_den: Noisy denoising batch [B', C, H', W'] (tasks 'joint', 'denoising').
+            sigma_den: Its noise levels [B']; a blind denoiser (GradResNet) validates and ignores them,
+                a non-blind baseline (DRUNet) needs them.
 
         Returns:
             dict with 'logits' [B, num_classes] and/or 'denoised' [B', C, H', W'].
@@ -55,7 +58,10 @@ class JointObjective(nn.Module):
             out['logits'] = self.model(y_cls)
         if y_den is not None:
             # In training mode denoise() builds the graph of grad_y E, so backward reaches the weights.
-            out['denoised'] = self.model.denoise(y_den)
+            if getattr(self.model, 'blind', True) or sigma_den is None:
+                out['denoised'] = self.model.denoise(y_den)
+            else:  # sigma = sigma_max * u^2 can round to 0; a non-blind net needs it positive
+                out['denoised'] = self.model.denoise(y_den, sigma=sigma_den.clamp_min(1e-6))
         return out
 
 

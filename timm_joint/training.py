@@ -213,9 +213,10 @@ def validate(
                 per_sample[f'top1_s{s:g}'] = (logits.argmax(-1) == target).float() * 100
         if do_den:
             for s in psnr_sigmas_255:
-                y, _ = noisy_batch(x, idx, sigma=from_255(s), seed=seed, epoch=0, stream=STREAM_EVAL)
+                y, sig = noisy_batch(x, idx, sigma=from_255(s), seed=seed, epoch=0, stream=STREAM_EVAL)
                 with accelerator.autocast():
-                    d = model.denoise(y)
+                    # only a non-blind baseline (DRUNet) is told the noise level
+                    d = model.denoise(y) if getattr(model, 'blind', True) else model.denoise(y, sigma=sig)
                 per_sample[f'psnr_s{s:g}'] = psnr_per_image(d, x)
         for k, v in per_sample.items():
             sums.setdefault(k, []).append(accelerator.gather_for_metrics(v.float()))
