@@ -439,7 +439,14 @@ def main(argv=None):
 
     def export(name, net):
         if is_main:
+            cfg_out = dict(getattr(net, 'pretrained_cfg', {}) or {})
+            if not hasattr(net, 'denoise'):
+                # A plain timm classifier was trained on raw [0, 1] pixels: say so in its config, so timm's
+                # data pipeline does not normalise what it never saw normalised.
+                n = len(cfg_out.get('mean', (0., 0., 0.)))
+                cfg_out.update(mean=(0.,) * n, std=(1.,) * n)
             save_pretrained(net, output_dir / 'export' / name, model_name=args.model, model_args=model_args,
+                            pretrained_cfg=cfg_out,
                             extra_config={'timm_joint': {
                                 'task': args.task, 'wrapper': type(net).__name__ == 'JointDensityWrapper',
                                 'sigma_max_cls_255': args.sigma_max_cls, 'sigma_max_den_255': args.sigma_max_den,

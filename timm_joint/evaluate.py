@@ -1,0 +1,989 @@
+"""Evaluate a model the way the paper does: ``python -m timm_joint.evaluate`` (console: timm-joint-evaluate).
+
+One command measures accuracy at noise levels, blind and class-conditional denoising (PSNR, SSIM),
+calibration, out-of-distribution detection, adversarial robustness and the Jacobian spectrum of the
+denoiser, and writes
+
+    OUT/results.json    versioned results (schema_version 1, ``validate_results``): the only source
+                        of tables and model cards
+    OUT/results.md      Markdown tables rendered from results.json alone
+    OUT/figures/*.png   denoising grid, PSNR against sigma, robustness curves, reliability diagram,
+                        Jacobian eigenvectors
+
+Example::
+
+    python -m timm_joint.evaluate --model gradresnet_tiny_joint --checkpoint runs/quickstart/export \\
+        --dataset '' --data-dir data/quickstart --out runs/quickstart/eval \\
+        --attack linf l2 --reference-model resnet18 --reference-checkpoint runs/resnet18/export
+
+Noise levels on the command line are in the 0-255 convention. Every noisy image is
+x + sigma * eps with eps drawn once per image from the seeded evaluation stream (``--seed``), the
+same eps at every sigma, for every metric and for the attacks: results are reproducible and the
+metrics of one run score the same noisy images. A model that is a plain timm classifier (no energy
+head) is evaluated too; its denoising metrics are then "n/a".
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import metrics
+from .joint import JointDensityMixin, JointDensityWrapper
+from .robustness import (
+    ATTACKS, DEFAULT_EPSILONS, ROBUSTBENCH_EPSILONS, check_levels, fixed_eval_noise, level_key,
+    robust_accuracy_grid,
+)
+
+__all__ = [
+    'SCHEMA_VERSION', 'load_model', 'jacobian_operator', 'jacobian_eigs', 'read_training_sigma_max',
+    'evaluate', 'validate_results', 'render_markdown', 'build_parser', 'parse_args', 'run', 'main',
+]
+
+SCHEMA_VERSION = 1
+NA = 'n/a'
+WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'open_clip_pytorch_model.bin')
+# Keys of the denoising batch's largest noise level, in the 0-255 convention of configs and command
+# lines: the export's config.json (timm_joint.sigma_max_den_255) and train_joint.py's args.yaml.
+_SIGMA_MAX_KEYS = ('sigma_max_den_255', 'sigma_max_den', 'den_sigma_max')
+
+
+# -- models ------------------------------------------------------------------------------------------
+
+class _PixelInput(nn.Module):
+    """A plain timm classifier fed [0, 1] pixels: applies its configured mean/std inside."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        self.num_classes = getattr(model, 'num_classes', 0)
+        self.pretrained_cfg = getattr(model, 'pretrained_cfg', {})
+        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean.to(x)) / self.std.to(x))
+
+
+def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        sd = torch.load(str(path), map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f'could not read checkpoint {str(path)!r} as a weights-only state dict: {e}') from e
+    for key in ('state_dict', 'model', 'state_dict_ema'):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f'checkpoint {str(path)!r} is not a state dict of tensors')
+    return {k[7:] if k.startswith('module.') else k: v for k, v in sd.items()}
+
+
+def _check_fits(model: nn.Module, sd: Dict[str, torch.Tensor], source: str, model_name: str) -> None:
+    """Refuse a state dict that does not fit the model, listing what differs."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f'{k}: checkpoint {list(sd[k].shape)} vs model {list(own[k].shape)}'
+              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
+            if items:
+                more = f' (+{len(items) - 5} more)' if len(items) > 5 else ''
+                parts.append(f'{label}: {", ".join(items[:5])}{more}')
+        raise ValueError(
+            f'the checkpoint {source!r} does not fit model {model_name!r}: ' + '; '.join(parts)
+            + '. Check --model (and --num-classes) against the checkpoint.')
+
+
+def _base_arch(name: str) -> str:
+    return name.split('.')[0]
+
+
+def _num_classes_from(sd: Dict[str, torch.Tensor], model_name: str) -> Optional[int]:
+    import timm
+    try:
+        cfg = timm.models.get_pretrained_cfg(_base_arch(model_name)) or {}
+        classifier = cfg.classifier if hasattr(cfg, 'classifier') else cfg.get('classifier')
+    except Exception:
+        classifier = None
+    for prefix in ([classifier] if classifier else []) + ['fc', 'head', 'head.fc', 'classifier']:
+        for key in (f'{prefix}.weight', f'model.{prefix}.weight'):
+            if key in sd and sd[key].ndim == 2:
+                return int(sd[key].shape[0])
+    return None
+
+
+def _finish(model: nn.Module, sd: Dict[str, torch.Tensor], source: str, model_name: str) -> nn.Module:
+    # An export of a JointDensityWrapper holds the timm model under 'model.' and an energy head.
+    if any(k.startswith('energy_head.') for k in sd) and not isinstance(model, JointDensityMixin):
+        model = JointDensityWrapper(model, warn_untrained=False)
+    _check_fits(model, sd, source, model_name)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def load_model(
+        model_name: str,
+        checkpoint: Optional[str] = None,
+        *,
+        num_classes: Optional[int] = None,
+        device: Union[str, torch.device] = 'cpu',
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Build a model and load its weights, refusing a checkpoint that does not fit.
+
+    ``checkpoint`` is an export folder (``config.json`` + ``model.safetensors``, as ``hub.save_pretrained``
+    writes), ``local-dir:PATH``, ``hf-hub:ORG/NAME``, or a state-dict file (.safetensors, or a
+    .pth/.pt/.bin read with ``weights_only=True``). Without one, ``model_name`` itself may be a
+    ``local-dir:``/``hf-hub:`` name; a plain registry name gets its pretrained weights.
+
+    Every model returned takes [0, 1] pixels. A plain classifier (not a ``JointDensityMixin``) with
+    weights from elsewhere (the timm registry, the Hub, a folder without train_joint.py's
+    ``timm_joint`` entry in its config.json) gets its configured mean/std applied inside; one trained
+    by train_joint.py (an export with that entry, or a state-dict file) saw raw pixels in training
+    and is used as is.
+
+    Returns:
+        (model in eval mode on ``device``, info: name, checkpoint, architecture, config).
+
+    Raises:
+        ValueError: a missing folder or file, an architecture other than ``model_name``, or a state
+            dict with missing, unexpected or mis-shaped tensors.
+    """
+    import timm
+    import timm_joint  # noqa: F401  (registers the GradResNet names)
+
+    info: Dict[str, Any] = {'name': model_name, 'checkpoint': checkpoint, 'config': None, 'folder': None}
+    raw_pixels = False  # trained on [0, 1] pixels by this project, whatever its config's mean/std says
+    source = checkpoint
+    if checkpoint is None and model_name.startswith(('local-dir:', 'hf-hub:')):
+        source = model_name
+    info['source'] = source
+    if source is not None and source.startswith('hf-hub:'):
+        try:
+            model = timm.create_model(source, pretrained=True, **({'num_classes': num_classes} if num_classes else {}))
+        except RuntimeError as e:
+            if 'state_dict' in str(e) or 'size mismatch' in str(e):
+                raise ValueError(f'the checkpoint {source!r} does not fit model {model_name!r}: {e}') from e
+            raise
+        info['architecture'] = getattr(model, 'pretrained_cfg', {}).get('architecture', model_name)
+    elif source is not None:
+        path = Path(source[len('local-dir:'):] if source.startswith('local-dir:') else source)
+        if not path.exists():
+            raise ValueError(f'checkpoint {str(path)!r} does not exist')
+        if path.is_dir():
+            cfg_path = path / 'config.json'
+            weights = [path / w for w in WEIGHT_FILES if (path / w).exists()]
+            if not cfg_path.exists() or not weights:
+                raise ValueError(
+                    f'checkpoint folder {str(path)!r} must hold config.json and model.safetensors '
+                    f'(an export written by timm_joint.hub.save_pretrained)')
+            config = json.loads(cfg_path.read_text())
+            arch = config.get('architecture') or model_name
+            if model_name.startswith(('local-dir:', 'hf-hub:')):
+                model_name = arch
+            if _base_arch(arch) != _base_arch(model_name):
+                raise ValueError(
+                    f'the checkpoint {str(path)!r} holds a {arch!r}, which does not fit --model {model_name!r}')
+            kwargs = dict(config.get('model_args') or {})
+            n_cls = num_classes or config.get('num_classes')
+            if n_cls is not None:
+                kwargs['num_classes'] = n_cls
+            pcfg = dict(config.get('pretrained_cfg') or {})
+            model = timm.create_model(model_name, pretrained=False, pretrained_cfg_overlay=pcfg, **kwargs)
+            sd = _read_state_dict(weights[0])
+            info.update(config=config, folder=str(path))
+            raw_pixels = 'timm_joint' in config
+        else:
+            sd = _read_state_dict(path)
+            n_cls = num_classes or _num_classes_from(sd, model_name)
+            model = timm.create_model(model_name, pretrained=False, **({'num_classes': n_cls} if n_cls else {}))
+            info['folder'] = str(path.parent)
+            raw_pixels = True
+        model = _finish(model, sd, str(path), model_name)
+        info['architecture'] = model_name
+    else:
+        try:
+            model = timm.create_model(model_name, pretrained=True, **({'num_classes': num_classes} if num_classes else {}))
+        except Exception as e:
+            if not _is_download_error(e):
+                raise
+            raise ValueError(
+                f'could not get pretrained weights for {model_name!r} ({type(e).__name__}: {e}). Offline or '
+                f'unpublished: pass a checkpoint (an export folder written by train_joint.py, local-dir:PATH, '
+                f'or a state-dict file)') from e
+        info['architecture'] = model_name
+
+    if not isinstance(model, JointDensityMixin) and not raw_pixels:
+        cfg = getattr(model, 'pretrained_cfg', {}) or {}
+        mean, std = tuple(cfg.get('mean', (0., 0., 0.))), tuple(cfg.get('std', (1., 1., 1.)))
+        if any(m != 0 for m in mean) or any(s != 1 for s in std):
+            model = _PixelInput(model, mean, std)
+    info['num_params'] = int(sum(p.numel() for p in model.parameters()))
+    return model.to(device).eval(), info
+
+
+def _is_download_error(e: Exception) -> bool:
+    mod = (type(e).__module__ or '').split('.')[0]
+    return (isinstance(e, (OSError, ConnectionError, TimeoutError)) or mod in ('huggingface_hub', 'requests', 'httpx')
+            or (isinstance(e, RuntimeError) and 'pretrained weights' in str(e)))
+
+
+def _model_cfg(model: nn.Module) -> Dict[str, Any]:
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return dict(cfg) if not isinstance(cfg, dict) else cfg
+
+
+# -- the denoiser's Jacobian -------------------------------------------------------------------------
+
+def jacobian_operator(energy_fn: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor):
+    """The Jacobian J = I - H of D(y) = y - grad E(y) at one image, as a scipy ``LinearOperator``.
+
+    H is the Hessian of E at y; J v = v - H v costs one Hessian-vector product (a double backward
+    through the graph of grad E, built once and kept), and J is never materialised. J is
+    symmetric because D is a gradient field.
+
+    Args:
+        energy_fn: Maps images [1, C, H, W] to energies [1].
+        y: One image [1, C, H, W]; its dtype (float64 recommended) is the operator's.
+
+    Returns:
+        ``scipy.sparse.linalg.LinearOperator`` of shape (n, n), n = C * H * W.
+    """
+    from scipy.sparse.linalg import LinearOperator
+
+    if y.ndim != 4 or y.shape[0] != 1:
+        raise ValueError(f'expected one image [1, C, H, W], got {list(y.shape)}')
+    n = y.numel()
+    with torch.enable_grad():
+        y_in = y.detach().clone().requires_grad_(True)
+        energy = energy_fn(y_in)
+        (grad_e,) = torch.autograd.grad(energy.sum(), y_in, create_graph=True)
+    np_dtype = np.float64 if y.dtype == torch.float64 else np.float32
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        v_t = torch.as_tensor(np.ascontiguousarray(v).reshape(y.shape), dtype=y.dtype, device=y.device)
+        with torch.enable_grad():
+            (hv,) = torch.autograd.grad(grad_e, y_in, grad_outputs=v_t, retain_graph=True)
+        return (v_t - hv).detach().cpu().numpy().reshape(-1).astype(np_dtype)
+
+    return LinearOperator((n, n), matvec=matvec, rmatvec=matvec, dtype=np_dtype)
+
+
+def jacobian_eigs(
+        energy_fn: Callable[[torch.Tensor], torch.Tensor],
+        y: torch.Tensor,
+        *,
+        k: int = 4,
+        seed: int = 0,
+        tol: float = 1e-5,
+) -> Dict[str, torch.Tensor]:
+    """Top-k and bottom-k eigenpairs of the denoiser's Jacobian at y (Lanczos, scipy's ``eigsh``).
+
+    Args:
+        energy_fn: Maps images [1, C, H, W] to energies [1].
+        y: One image [1, C, H, W].
+        k: Eigenpairs at each end (largest and smallest algebraic).
+        seed: Seeds Lanczos' start vector, so the result is reproducible.
+        tol: Relative accuracy of the eigenvalues.
+
+    Returns:
+        ``top_values`` [k] (descending), ``top_vectors`` [k, C, H, W], ``bottom_values`` [k]
+        (ascending), ``bottom_vectors`` [k, C, H, W]; vectors have unit norm.
+    """
+    from scipy.sparse.linalg import eigsh
+
+    n = y.numel()
+    if not 1 <= k < n:
+        raise ValueError(f'k must be in [1, {n - 1}] for an image of {n} values, got {k}')
+    op = jacobian_operator(energy_fn, y)
+    v0 = np.random.default_rng(seed).standard_normal(n).astype(op.dtype)
+    out = {}
+    for which, name in (('LA', 'top'), ('SA', 'bottom')):
+        vals, vecs = eigsh(op, k=k, which=which, v0=v0, tol=tol)
+        order = np.argsort(-vals) if name == 'top' else np.argsort(vals)
+        out[f'{name}_values'] = torch.from_numpy(vals[order].copy())
+        out[f'{name}_vectors'] = torch.from_numpy(vecs[:, order].T.copy()).reshape(k, *y.shape[1:])
+    return out
+
+
+# -- training range ----------------------------------------------------------------------------------
+
+def _find_key(d: Any, keys: Sequence[str], depth: int = 2) -> Optional[float]:
+    if not isinstance(d, dict):
+        return None
+    for key in keys:
+        v = d.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    if depth > 0:
+        for v in d.values():
+            found = _find_key(v, keys, depth - 1)
+            if found is not None:
+                return found
+    return None
+
+
+def read_training_sigma_max(folder: Optional[str], override_255: Optional[float] = None) -> Dict[str, Any]:
+    """The largest training noise level of the denoising batch, in the 0-255 convention.
+
+    Looks, in order, at ``--train-sigma-max`` (``override_255``), the export's ``config.json``
+    (train_joint.py writes ``timm_joint.sigma_max_den_255`` there), then ``args.yaml`` in the export
+    folder, its parent and grandparent (train_joint.py writes ``runs/NAME/args.yaml`` and exports to
+    ``runs/NAME/export/{best,last}``), for one of the keys sigma_max_den_255, sigma_max_den,
+    den_sigma_max. Values are in 0-255 units, as on the training command line.
+
+    Returns:
+        {'sigma_max_255': float or None, 'source': where it came from, or why it is unknown}.
+    """
+    if override_255 is not None:
+        return {'sigma_max_255': float(override_255), 'source': '--train-sigma-max'}
+    if folder is None:
+        return {'sigma_max_255': None, 'source': 'unknown: no checkpoint folder to read training arguments from'}
+    base = Path(folder)
+    candidates = [base / 'config.json', base / 'args.yaml', base.parent / 'args.yaml', base.parent.parent / 'args.yaml']
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == '.json':
+                data = json.loads(path.read_text())
+            else:
+                import yaml
+                data = yaml.safe_load(path.read_text())
+        except Exception:
+            continue
+        value = _find_key(data, _SIGMA_MAX_KEYS)
+        if value is not None and value > 0:
+            return {'sigma_max_255': value, 'source': str(path)}
+    return {'sigma_max_255': None,
+            'source': f'unknown: none of {", ".join(_SIGMA_MAX_KEYS)} in {", ".join(str(p) for p in candidates)}'}
+
+
+# -- datasets ----------------------------------------------------------------------------------------
+
+def _base_dataset(ds):
+    while hasattr(ds, 'dataset'):
+        ds = ds.dataset
+    return ds
+
+
+def _label_info(ds) -> Tuple[bool, Optional[int]]:
+    """(has labels, number of classes) of a timm / torchvision dataset."""
+    base = _base_dataset(ds)
+    c2i = getattr(getattr(base, 'reader', None), 'class_to_idx', None)
+    if c2i is None:
+        c2i = getattr(base, 'class_to_idx', None)
+    if isinstance(c2i, dict):
+        # Image-folder readers label files outside class subfolders with '' (no label).
+        if not c2i or '' in c2i:
+            return False, None
+        return True, len(c2i)
+    classes = getattr(base, 'classes', None)
+    if classes:
+        return True, len(classes)
+    try:
+        _, target = base[0][:2]
+    except Exception:
+        return False, None
+    if target is None or (isinstance(target, (int, np.integer)) and target < 0):
+        return False, None
+    return True, None
+
+
+def _raw_size(ds) -> Tuple[int, int]:
+    """(height, width) of the first image as stored, before the evaluation transform."""
+    base = _base_dataset(ds)
+    transform = getattr(base, 'transform', None)
+    base.transform = None
+    try:
+        img = base[0][0]
+    finally:
+        base.transform = transform
+    if isinstance(img, torch.Tensor):
+        return int(img.shape[-2]), int(img.shape[-1])
+    w, h = img.size
+    return int(h), int(w)
+
+
+def _spread(total: int, n: int) -> List[int]:
+    """n positions evenly spread over range(total) (all of them when n >= total)."""
+    if n >= total:
+        return list(range(total))
+    return sorted(set(np.linspace(0, total - 1, n).round().astype(int).tolist()))
+
+
+def _subset(ds, max_images: Optional[int]):
+    # Evenly spread rather than the first N: image folders are sorted by class, so the first N
+    # images would cover only the first classes.
+    from torch.utils.data import Subset
+    if max_images is None or max_images >= len(ds):
+        return ds
+    return Subset(ds, _spread(len(ds), max_images))
+
+
+# -- the evaluation ----------------------------------------------------------------------------------
+
+def _check_args(args: argparse.Namespace) -> None:
+    check_levels(args.sigmas, '--sigmas')
+    check_levels(args.psnr_sigmas, '--psnr-sigmas')
+    if any(s == 0 for s in args.psnr_sigmas):
+        raise ValueError('--psnr-sigmas must be > 0 (there is nothing to denoise at sigma 0)')
+    check_levels(args.attack_sigmas, '--attack-sigmas')
+    check_levels(args.linf_epsilons, '--linf-epsilons')
+    check_levels(args.l2_epsilons, '--l2-epsilons')
+    check_levels([args.eigen_sigma, args.ood_sigma], '--eigen-sigma / --ood-sigma')
+    if args.eigen_sigma == 0 and args.eigen_k:
+        raise ValueError('--eigen-sigma must be > 0')
+    if args.train_sigma_max is not None:
+        check_levels([args.train_sigma_max], '--train-sigma-max')
+    for name in ('max_images', 'attack_images', 'batch_size', 'attack_steps', 'grid_images'):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {v}')
+    if args.eigen_k < 0:
+        raise ValueError(f'--eigen-k must be >= 0, got {args.eigen_k}')
+    if args.reference_model and not args.attack:
+        raise ValueError('--reference-model is attacked beside the model: add --attack linf and/or l2')
+
+
+def _mean(values: List[torch.Tensor]) -> float:
+    return float(torch.cat(values).double().mean()) if values else float('nan')
+
+
+def _sigma_map(keys: Sequence[str], fn: Callable[[str], Any]) -> Dict[str, Any]:
+    return {k: fn(k) for k in keys}
+
+
+def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run the evaluation that ``args`` describes and write OUT/results.json, results.md and figures.
+
+    Every check on the inputs (options, output folder, checkpoints, datasets) happens before the
+    first image is scored.
+
+    Returns:
+        The results dictionary (as written).
+    """
+    from tqdm import tqdm
+    from torch.utils.data import DataLoader
+
+    from . import figures
+    from .data import create_eval_dataset
+
+    # 1. Checks, before any work.
+    _check_args(args)
+    out_dir = Path(args.out)
+    results_path = out_dir / 'results.json'
+    if results_path.exists() and not args.overwrite:
+        raise FileExistsError(f'{results_path} exists: refusing to overwrite it (pass --overwrite, or another --out)')
+    device = torch.device(args.device)
+    model, info = load_model(args.model, args.checkpoint, num_classes=args.num_classes, device=device)
+    reference = ref_info = None
+    if args.reference_model:
+        reference, ref_info = load_model(
+            args.reference_model, args.reference_checkpoint, num_classes=args.num_classes, device=device)
+    has_denoiser = isinstance(model, JointDensityMixin)
+    cfg = _model_cfg(model)
+    img_size = args.img_size or int(cfg.get('input_size', (3, 224, 224))[-1])
+    crop_pct = float(cfg.get('crop_pct', 1.0) or 1.0) if args.crop_pct is None else args.crop_pct
+
+    ds = create_eval_dataset(args.dataset, args.data_dir, img_size=img_size, split=args.split,
+                             download=args.dataset_download, crop_pct=crop_pct)
+    has_labels, n_dataset_classes = _label_info(ds)
+    needs_labels = bool(args.sigmas) or bool(args.attack)
+    if needs_labels and not has_labels:
+        raise ValueError(
+            f'dataset {args.dataset!r} at {args.data_dir!r} (split {args.split!r}) has no class labels '
+            f'(images are not in class subfolders), but accuracy is asked: pass --sigmas with no values '
+            f'and no --attack to evaluate denoising only')
+    num_classes = getattr(model, 'num_classes', 0)
+    if has_labels and n_dataset_classes and num_classes and n_dataset_classes > num_classes:
+        raise ValueError(
+            f'the dataset has {n_dataset_classes} classes but the model predicts {num_classes}: '
+            f'check --model/--checkpoint against --dataset')
+    ds = _subset(ds, args.max_images)
+    ood_ds = None
+    if args.ood_data_dir or args.ood_dataset:
+        ood_ds = create_eval_dataset(args.ood_dataset or '', args.ood_data_dir, img_size=img_size,
+                                     split=args.ood_split, download=args.dataset_download, crop_pct=crop_pct)
+        size = _raw_size(ood_ds)
+        if size != (img_size, img_size) and not args.ood_resize:
+            raise ValueError(
+                f'the OOD dataset has {size[0]}x{size[1]} images but the model evaluates at '
+                f'{img_size}x{img_size}: resizing would itself mark them out of distribution. Give an OOD '
+                f'dataset at {img_size}x{img_size}, or pass --ood-resize to accept it')
+        ood_ds = _subset(ood_ds, args.max_images)
+    training = read_training_sigma_max(info.get('folder'), args.train_sigma_max)
+
+    # 2. One pass over the data: accuracy, calibration, denoising, OOD scores.
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    acc_keys = [level_key(s) for s in args.sigmas]
+    psnr_keys = [level_key(s) for s in args.psnr_sigmas]
+    all_sigmas = sorted(set(args.sigmas) | set(args.psnr_sigmas))
+    correct = {k: [] for k in acc_keys}
+    confidence = {k: [] for k in acc_keys}
+    per = {name: {k: [] for k in psnr_keys} for name in (
+        'noisy', 'blind', 'cond_true', 'cond_pred', 'ssim_blind', 'ssim_cond_true', 'ssim_cond_pred')}
+    grid_sigma = 25. if 25. in args.psnr_sigmas else (sorted(args.psnr_sigmas)[len(args.psnr_sigmas) // 2]
+                                                      if args.psnr_sigmas else None)
+    grid_rows = {name: [] for name in ('clean', 'noisy', 'blind', 'cond', 'labels')}
+    grid_pos = set(_spread(len(ds), args.grid_images))
+    attack_pos = set(_spread(len(ds), args.attack_images)) if args.attack else set()
+    attack_pool: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    ood_scores = {'in': {'neg_energy': [], 'max_softmax': []}, 'out': {'neg_energy': [], 'max_softmax': []}}
+    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    n_images = 0
+    with torch.no_grad():
+        for x, target, index in tqdm(loader, desc='evaluate', disable=not args.progress, file=sys.stderr):
+            x = x.to(device)
+            target = target.to(device)
+            eps = fixed_eval_noise(index.tolist(), x.shape[1:], seed=args.seed).to(device=device, dtype=x.dtype)
+            pos = list(range(n_images, n_images + x.shape[0]))
+            in_grid = torch.tensor([p in grid_pos for p in pos], device=device)
+            n_images += x.shape[0]
+            for s255 in all_sigmas:
+                key = level_key(s255)
+                sigma = s255 / 255.
+                y = x + sigma * eps
+                logits = model(y).float()
+                prob = logits.softmax(-1)
+                pred = logits.argmax(-1)
+                if key in correct:
+                    correct[key].append(metrics.top1_correct(logits, target).cpu())
+                    confidence[key].append(prob.max(-1).values.cpu())
+                if key not in per['noisy']:
+                    continue
+                per['noisy'][key].append(metrics.psnr(y, x, clamp=False).cpu())
+                if not has_denoiser:
+                    continue
+                d_blind = model.denoise(y)
+                d_pred = model.denoise(y, sigma=sigma, c=pred)
+                per['blind'][key].append(metrics.psnr(d_blind, x).cpu())
+                per['cond_pred'][key].append(metrics.psnr(d_pred, x).cpu())
+                per['ssim_blind'][key].append(metrics.ssim(d_blind, x).cpu())
+                per['ssim_cond_pred'][key].append(metrics.ssim(d_pred, x).cpu())
+                d_true = None
+                if has_labels:
+                    d_true = model.denoise(y, sigma=sigma, c=target)
+                    per['cond_true'][key].append(metrics.psnr(d_true, x).cpu())
+                    per['ssim_cond_true'][key].append(metrics.ssim(d_true, x).cpu())
+                if s255 == grid_sigma and bool(in_grid.any()):
+                    cond = d_true if d_true is not None else d_pred
+                    for name, t in (('clean', x), ('noisy', y), ('blind', d_blind), ('cond', cond),
+                                    ('labels', target if has_labels else pred)):
+                        grid_rows[name].append(t[in_grid].cpu())
+            if ood_ds is not None:
+                _ood_scores(model, x, eps, args.ood_sigma / 255., has_denoiser, ood_scores['in'])
+            take = torch.tensor([p in attack_pos for p in pos])
+            if bool(take.any()):
+                attack_pool.append((x[take.to(device)], target[take.to(device)], index[take]))
+        if ood_ds is not None:
+            ood_loader = DataLoader(ood_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+            for x, _, index in tqdm(ood_loader, desc='ood', disable=not args.progress, file=sys.stderr):
+                x = x.to(device)
+                # A different seed offset keeps the OOD noise independent of the in-distribution noise.
+                eps = fixed_eval_noise(index.tolist(), x.shape[1:], seed=args.seed + 1).to(device=device, dtype=x.dtype)
+                _ood_scores(model, x, eps, args.ood_sigma / 255., has_denoiser, ood_scores['out'])
+
+    results: Dict[str, Any] = {
+        'schema_version': SCHEMA_VERSION,
+        'model': {'name': args.model, 'checkpoint': args.checkpoint or info.get('folder') or info.get('source'),
+                  'num_params': info['num_params'],
+                  'architecture': info.get('architecture'), 'denoiser': has_denoiser},
+        'dataset': {'name': args.dataset, 'split': args.split, 'num_images': n_images, 'img_size': img_size,
+                    'labels': has_labels},
+        'seed': args.seed,
+        'units': {'sigma': '0-255', 'accuracy': '% top-1', 'ece': '%', 'psnr': 'dB', 'ssim': '[0, 1]',
+                  'auroc': '[0, 1]'},
+    }
+    results['accuracy'] = {k: 100. * float(torch.cat(correct[k]).double().mean()) for k in acc_keys}
+    results['ece'], results['reliability'] = {}, {}
+    for k in acc_keys:
+        value, bins = metrics.ece(torch.cat(confidence[k]), torch.cat(correct[k]))
+        results['ece'][k] = 100. * value
+        # JSON has no NaN: empty bins get null.
+        results['reliability'][k] = {name: [None if isinstance(v, float) and not math.isfinite(v) else v for v in vals]
+                                     for name, vals in bins.items()}
+
+    def stat(name: str) -> Callable[[str], Any]:
+        return lambda k: _mean(per[name][k]) if per[name][k] else NA
+
+    results['noisy_psnr'] = _sigma_map(psnr_keys, stat('noisy'))
+    results['psnr'] = {name: _sigma_map(psnr_keys, stat(name)) for name in ('blind', 'cond_true', 'cond_pred')}
+    results['ssim'] = {name: _sigma_map(psnr_keys, stat(f'ssim_{name}')) for name in ('blind', 'cond_true', 'cond_pred')}
+
+    def gain(name: str) -> Callable[[str], Any]:
+        def fn(k: str) -> Any:
+            a, b = results['psnr'][name][k], results['psnr']['blind'][k]
+            return a - b if isinstance(a, float) and isinstance(b, float) else NA
+        return fn
+
+    results['cond_gain_db'] = {'true': _sigma_map(psnr_keys, gain('cond_true')),
+                               'pred': _sigma_map(psnr_keys, gain('cond_pred'))}
+    results['training'] = training
+
+    if ood_ds is not None:
+        auroc = {}
+        for score in ('neg_energy', 'max_softmax'):
+            s_in, s_out = ood_scores['in'][score], ood_scores['out'][score]
+            auroc[score] = metrics.auroc(torch.cat(s_in), torch.cat(s_out)) if s_in and s_out else NA
+        results['ood'] = {
+            'dataset': args.ood_dataset or '', 'data_dir': args.ood_data_dir, 'split': args.ood_split,
+            'num_images': sum(t.numel() for t in ood_scores['out']['max_softmax']),
+            'sigma': level_key(args.ood_sigma), 'auroc': auroc,
+        }
+
+    # 3. Robustness: the model and the reference on the same grid, images and noise.
+    if args.attack:
+        images = torch.cat([a[0] for a in attack_pool])
+        labels = torch.cat([a[1] for a in attack_pool])
+        indices = torch.cat([a[2] for a in attack_pool]).tolist()
+        eps_grid = {'linf': [e / 255. for e in args.linf_epsilons], 'l2': list(args.l2_epsilons)}
+        models = {args.model: model}
+        if reference is not None:
+            ref_name = args.reference_model if args.reference_model != args.model else f'{args.reference_model} (reference)'
+            models[ref_name] = reference
+        total = len(models) * len(args.attack_sigmas) * len(args.attack) * images.shape[0]
+        acc = {}
+        with tqdm(total=total, desc='attack', disable=not args.progress, file=sys.stderr) as bar:
+            for name, m in models.items():
+                acc[name] = robust_accuracy_grid(
+                    m, images, labels, indices, attacks=args.attack, epsilons=eps_grid,
+                    sigmas=[s / 255. for s in args.attack_sigmas], steps=args.attack_steps,
+                    seed=args.seed, batch_size=args.batch_size, progress=bar.update)
+        results['robustness'] = {
+            'num_images': int(images.shape[0]), 'steps': args.attack_steps, 'sigmas': [level_key(s) for s in args.attack_sigmas],
+            'epsilon_units': {'linf': '1/255', 'l2': 'L2 norm, [0, 1] pixels'},
+            'robustbench': {'linf': '8', 'l2': '0.5'},
+            'reference': {'name': args.reference_model, 'checkpoint': args.reference_checkpoint,
+                          'num_params': ref_info['num_params']} if ref_info else None,
+            'accuracy': acc,
+        }
+
+    # 4. The Jacobian spectrum of the denoiser at the first noisy image.
+    eigen = None
+    if has_denoiser and args.eigen_k > 0:
+        x0, _, i0 = ds[0]
+        eps0 = fixed_eval_noise([i0], x0.shape, seed=args.seed)
+        y0 = (x0[None] + args.eigen_sigma / 255. * eps0).to(device=device, dtype=torch.float64)
+        model64 = copy.deepcopy(model).double()
+        eigen = jacobian_eigs(model64.energy, y0, k=min(args.eigen_k, y0.numel() - 1), seed=args.seed)
+        del model64
+        results['eigen'] = {
+            'image_index': int(i0), 'sigma': level_key(args.eigen_sigma), 'k': int(eigen['top_values'].numel()),
+            'top': [float(v) for v in eigen['top_values']], 'bottom': [float(v) for v in eigen['bottom_values']],
+        }
+    results['eval_time_s'] = round(time.time() - t0, 2)
+
+    # 5. Figures, then the results (written last, atomically).
+    fig_dir = out_dir / 'figures'
+    written = []
+    if grid_rows['clean']:
+        grid = {name: torch.cat(rows) for name, rows in grid_rows.items()}
+        written.append(figures.denoising_grid(
+            grid['clean'], grid['noisy'], grid['blind'], grid['cond'], fig_dir / 'denoising_grid.png',
+            sigma_255=grid_sigma, titles=[f'class {int(c)}' for c in grid['labels']]))
+    if has_denoiser and psnr_keys:
+        written.append(figures.psnr_vs_sigma(results, fig_dir / 'psnr_vs_sigma.png',
+                                             train_sigma_max_255=training['sigma_max_255']))
+    if 'robustness' in results:
+        written.append(figures.robustness_curves(results['robustness'], fig_dir / 'robustness.png'))
+    if acc_keys:
+        k = '0' if '0' in acc_keys else acc_keys[0]
+        written.append(figures.reliability_diagram(
+            results['reliability'][k], fig_dir / 'reliability.png',
+            title=f'sigma={k}: top-1 {results["accuracy"][k]:.1f}%, ECE {results["ece"][k]:.2f}%'))
+    if eigen is not None:
+        written.append(figures.eigenvector_figure(
+            y0[0].float(), eigen['top_values'].tolist(), eigen['top_vectors'],
+            eigen['bottom_values'].tolist(), eigen['bottom_vectors'], fig_dir / 'jacobian_eigenvectors.png',
+            sigma_255=args.eigen_sigma))
+    results['figures'] = [str(Path(p).relative_to(out_dir)) for p in written]
+    results['command'] = args.command
+    validate_results(results)
+    _write_atomic(out_dir / 'results.md', render_markdown(results), overwrite=True)
+    _write_atomic(results_path, json.dumps(results, indent=2, allow_nan=False) + '\n', overwrite=args.overwrite)
+    return results
+
+
+def _ood_scores(model: nn.Module, x: torch.Tensor, eps: torch.Tensor, sigma: float, has_denoiser: bool,
+                store: Dict[str, List[torch.Tensor]]) -> None:
+    y = x + sigma * eps if sigma > 0 else x
+    if has_denoiser:
+        logits, energy = model.forward_joint(y)
+        # -E(y) ranks images as log p_sigma(y) = -E(y) / sigma^2 + const does, at any sigma.
+        store['neg_energy'].append(-energy.double().cpu())
+    else:
+        logits = model(y)
+    store['max_softmax'].append(logits.float().softmax(-1).max(-1).values.double().cpu())
+
+
+def _write_atomic(path: Path, text: str, *, overwrite: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    tmp.write_text(text)
+    if not overwrite and path.exists():
+        tmp.unlink()
+        raise FileExistsError(f'{path} appeared while evaluating: refusing to overwrite it (pass --overwrite)')
+    os.replace(tmp, path)
+
+
+# -- results: schema and Markdown ---------------------------------------------------------------------
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_sigma_map(d: Any, where: str, lo: float = -math.inf, hi: float = math.inf, allow_na: bool = True) -> None:
+    if not isinstance(d, dict):
+        raise ValueError(f'results: {where} must be a mapping from noise level (0-255, as a string) to a value')
+    for k, v in d.items():
+        try:
+            ok = isinstance(k, str) and level_key(float(k)) == k and float(k) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f'results: {where} has key {k!r}; expected a 0-255 level written like "25"')
+        if v == NA and allow_na:
+            continue
+        if not _is_num(v) or not lo <= v <= hi:
+            raise ValueError(f'results: {where}[{k!r}] = {v!r}; expected a number in [{lo}, {hi}]'
+                             + (' or "n/a"' if allow_na else ''))
+
+
+def validate_results(d: Any) -> None:
+    """Check a results dictionary against schema version 1; raise ValueError naming the first problem.
+
+    Required: ``schema_version`` (1); ``model`` {name: str, checkpoint: str or null, num_params: int};
+    ``dataset`` {name: str, split: str, num_images: int > 0, img_size: int > 0}; sigma maps (keys are
+    0-255 levels as strings, e.g. "25") ``accuracy`` (% top-1), ``ece`` (%), ``noisy_psnr`` (dB),
+    ``psnr`` and ``ssim`` each {blind, cond_true, cond_pred}, ``cond_gain_db`` {true, pred}; denoising
+    values may be "n/a". Optional: ``ood`` {auroc: {score: [0, 1] or "n/a"}}, ``robustness``
+    {accuracy: {model: {attack: {sigma: {epsilon: %}}}}}, ``eigen`` {top, bottom: lists of numbers}.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f'results must be a JSON object, got {type(d).__name__}')
+    if d.get('schema_version') != SCHEMA_VERSION:
+        raise ValueError(f'results: schema_version must be {SCHEMA_VERSION}, got {d.get("schema_version")!r}')
+    for key in ('model', 'dataset', 'accuracy', 'psnr', 'ssim', 'cond_gain_db', 'ece', 'noisy_psnr'):
+        if key not in d:
+            raise ValueError(f'results: missing required key {key!r}')
+    m = d['model']
+    if not isinstance(m, dict) or not isinstance(m.get('name'), str):
+        raise ValueError('results: model.name must be a string')
+    if 'checkpoint' not in m or not (m['checkpoint'] is None or isinstance(m['checkpoint'], str)):
+        raise ValueError('results: model.checkpoint must be a string or null')
+    if not isinstance(m.get('num_params'), int) or isinstance(m.get('num_params'), bool) or m['num_params'] < 0:
+        raise ValueError('results: model.num_params must be a non-negative integer')
+    ds = d['dataset']
+    if not isinstance(ds, dict) or not isinstance(ds.get('name'), str) or not isinstance(ds.get('split'), str):
+        raise ValueError('results: dataset.name and dataset.split must be strings')
+    for key in ('num_images', 'img_size'):
+        v = ds.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f'results: dataset.{key} must be a positive integer, got {v!r}')
+    _check_sigma_map(d['accuracy'], 'accuracy', 0, 100, allow_na=False)
+    _check_sigma_map(d['ece'], 'ece', 0, 100, allow_na=False)
+    _check_sigma_map(d['noisy_psnr'], 'noisy_psnr')
+    for group, names, lo, hi in (('psnr', ('blind', 'cond_true', 'cond_pred'), -math.inf, math.inf),
+                                 ('ssim', ('blind', 'cond_true', 'cond_pred'), -1, 1),
+                                 ('cond_gain_db', ('true', 'pred'), -math.inf, math.inf)):
+        if not isinstance(d[group], dict):
+            raise ValueError(f'results: {group} must be an object with keys {names}')
+        for name in names:
+            if name not in d[group]:
+                raise ValueError(f'results: missing {group}.{name}')
+            _check_sigma_map(d[group][name], f'{group}.{name}', lo, hi)
+    if 'ood' in d:
+        auroc = d['ood'].get('auroc') if isinstance(d['ood'], dict) else None
+        if not isinstance(auroc, dict) or not auroc:
+            raise ValueError('results: ood.auroc must be an object of scores')
+        for k, v in auroc.items():
+            if v != NA and not (_is_num(v) and 0 <= v <= 1):
+                raise ValueError(f'results: ood.auroc.{k} = {v!r}; expected a number in [0, 1] or "n/a"')
+    if 'robustness' in d:
+        acc = d['robustness'].get('accuracy') if isinstance(d['robustness'], dict) else None
+        if not isinstance(acc, dict) or not acc:
+            raise ValueError('results: robustness.accuracy must map model names to attack grids')
+        for name, grid in acc.items():
+            if not isinstance(grid, dict) or not grid:
+                raise ValueError(f'results: robustness.accuracy[{name!r}] must map attacks to grids')
+            for attack, per_sigma in grid.items():
+                if attack not in ATTACKS:
+                    raise ValueError(f'results: robustness.accuracy[{name!r}] has attack {attack!r}; expected {ATTACKS}')
+                if not isinstance(per_sigma, dict):
+                    raise ValueError(f'results: robustness.accuracy[{name!r}][{attack!r}] must map sigmas to cells')
+                for sigma, cells in per_sigma.items():
+                    _check_sigma_map({sigma: 0.}, f'robustness sigma of {name!r}', allow_na=False)
+                    if not isinstance(cells, dict) or not cells or not all(_is_num(v) and 0 <= v <= 100 for v in cells.values()):
+                        raise ValueError(
+                            f'results: robustness.accuracy[{name!r}][{attack!r}][{sigma!r}] must map epsilons to % in [0, 100]')
+    if 'eigen' in d:
+        e = d['eigen']
+        if not isinstance(e, dict) or not all(isinstance(e.get(k), list) and all(_is_num(v) for v in e[k])
+                                              for k in ('top', 'bottom')):
+            raise ValueError('results: eigen.top and eigen.bottom must be lists of numbers')
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    return f'{v:.{digits}f}' if _is_num(v) else (str(v) if v is not None else '')
+
+
+def render_markdown(results: Dict[str, Any]) -> str:
+    """Markdown tables of a results dictionary (and nothing else: the JSON is the only source)."""
+    r = results
+    m, ds = r['model'], r['dataset']
+    lines = [f'# Evaluation of `{m["name"]}`', '',
+             f'- checkpoint: `{m.get("checkpoint")}`; parameters: {m["num_params"]:,}',
+             f'- data: `{ds["name"] or "image folder"}` split `{ds["split"]}`, {ds["num_images"]} images at '
+             f'{ds["img_size"]} px; noise seed {r.get("seed", "")}; noise levels in 0-255 units', '']
+    training = r.get('training') or {}
+    if training.get('sigma_max_255') is not None:
+        lines += [f'- training noise range: sigma <= {training["sigma_max_255"]:g} (from {training.get("source")})', '']
+    keys = sorted(set(r['accuracy']) | set(r['noisy_psnr']), key=float)
+    lines += ['| sigma | top-1 (%) | ECE (%) | noisy PSNR | PSNR D(y) | PSNR D(y,c) true | PSNR D(y,c) pred '
+              '| gain true (dB) | gain pred (dB) | SSIM D(y) | SSIM D(y,c) true |',
+              '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+    for k in keys:
+        def g(d: Dict[str, Any], digits: int = 2) -> str:
+            return _fmt(d.get(k, ''), digits)
+        lines.append(
+            f'| {k} | {g(r["accuracy"])} | {g(r["ece"])} | {g(r["noisy_psnr"])} | {g(r["psnr"]["blind"])} '
+            f'| {g(r["psnr"]["cond_true"])} | {g(r["psnr"]["cond_pred"])} | {g(r["cond_gain_db"]["true"], 3)} '
+            f'| {g(r["cond_gain_db"]["pred"], 3)} | {g(r["ssim"]["blind"], 4)} | {g(r["ssim"]["cond_true"], 4)} |')
+    if 'ood' in r:
+        o = r['ood']
+        lines += ['', f'## Out-of-distribution detection: `{o.get("dataset") or o.get("data_dir")}` '
+                      f'({o.get("num_images")} images, sigma {o.get("sigma")})', '',
+                  '| score | AUROC |', '|---|---:|']
+        names = {'neg_energy': '-E(y) (log p(y))', 'max_softmax': 'max softmax (baseline)'}
+        for k, v in o['auroc'].items():
+            lines.append(f'| {names.get(k, k)} | {_fmt(v, 4)} |')
+    if 'robustness' in r:
+        rb = r['robustness']
+        lines += ['', f'## Robust top-1 (%), PGD {rb.get("steps")} steps, {rb.get("num_images")} images', '']
+        attacks = sorted({a for grid in rb['accuracy'].values() for a in grid})
+        for a in attacks:
+            eps_keys = sorted({e for grid in rb['accuracy'].values() for cells in grid.get(a, {}).values()
+                               for e in cells}, key=float)
+            unit = rb.get('epsilon_units', {}).get(a, '')
+            lines += [f'{a.upper()} (epsilon in {unit}):', '',
+                      '| model | sigma | ' + ' | '.join(f'eps {e}' for e in eps_keys) + ' |',
+                      '|---|---:|' + '---:|' * len(eps_keys)]
+            for name, grid in rb['accuracy'].items():
+                for sigma, cells in sorted(grid.get(a, {}).items(), key=lambda kv: float(kv[0])):
+                    lines.append(f'| {name} | {sigma} | ' + ' | '.join(_fmt(cells.get(e, '')) for e in eps_keys) + ' |')
+            lines.append('')
+    if 'eigen' in r:
+        e = r['eigen']
+        lines += ['', f"## Eigenvalues of the denoiser's Jacobian (image {e.get('image_index')}, sigma {e.get('sigma')})", '',
+                  '- top: ' + ', '.join(f'{v:.4f}' for v in e['top']),
+                  '- bottom: ' + ', '.join(f'{v:.4f}' for v in e['bottom'])]
+    if r.get('figures'):
+        lines += ['', '## Figures', ''] + [f'![{Path(p).stem}]({p})' for p in r['figures']]
+    return '\n'.join(lines).rstrip() + '\n'
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='python -m timm_joint.evaluate',
+        description='Evaluate a classification-denoising model (or any timm classifier): accuracy at noise '
+                    'levels, PSNR/SSIM of blind and class-conditional denoising, calibration, OOD detection, '
+                    'adversarial robustness, Jacobian eigenvectors. Noise levels in 0-255 units.')
+    p.add_argument('--model', required=True, help='timm model name (e.g. gradresnet18_joint), or local-dir:/hf-hub: name')
+    p.add_argument('--checkpoint', default=None,
+                   help='export folder, local-dir:PATH, hf-hub:ORG/NAME or a state-dict file; '
+                        'without it, the registry pretrained weights')
+    p.add_argument('--num-classes', type=int, default=None, help='classes of a state-dict checkpoint (else inferred)')
+    p.add_argument('--dataset', default='', help="timm dataset name ('' for an image folder, torch/cifar10, hfds/...)")
+    p.add_argument('--data-dir', default=None)
+    p.add_argument('--split', default='validation')
+    p.add_argument('--dataset-download', action='store_true')
+    p.add_argument('--img-size', type=int, default=None, help="evaluation size (default: the model's config)")
+    p.add_argument('--crop-pct', type=float, default=None)
+    p.add_argument('--batch-size', type=int, default=128)
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--max-images', type=int, default=None, help='evaluate the first N images only')
+    p.add_argument('--sigmas', type=float, nargs='*', default=[0, 15, 25, 50, 75, 100],
+                   help='accuracy / ECE levels (0-255); no values: no accuracy (a dataset without labels)')
+    p.add_argument('--psnr-sigmas', type=float, nargs='*', default=[15, 25, 50, 75, 100],
+                   help='denoising levels (0-255, > 0)')
+    p.add_argument('--grid-images', type=int, default=4, help='rows of the denoising grid')
+    p.add_argument('--train-sigma-max', type=float, default=None,
+                   help='training range (0-255) to mark, if the checkpoint does not record it')
+    p.add_argument('--ood-dataset', default='', help='out-of-distribution dataset (timm name; default: an image folder)')
+    p.add_argument('--ood-data-dir', default=None)
+    p.add_argument('--ood-split', default='validation')
+    p.add_argument('--ood-sigma', type=float, default=0., help='noise level (0-255) of the OOD comparison')
+    p.add_argument('--ood-resize', action='store_true', help='accept OOD images of another size (resized)')
+    p.add_argument('--attack', nargs='*', default=[], choices=list(ATTACKS), help='PGD attacks to run')
+    p.add_argument('--linf-epsilons', type=float, nargs='+', default=[e * 255 for e in DEFAULT_EPSILONS['linf']],
+                   help='Linf radii in 1/255 units (8 always added: RobustBench)')
+    p.add_argument('--l2-epsilons', type=float, nargs='+', default=DEFAULT_EPSILONS['l2'],
+                   help=f'L2 radii on [0, 1] pixels ({ROBUSTBENCH_EPSILONS["l2"]} always added: RobustBench)')
+    p.add_argument('--attack-sigmas', type=float, nargs='+', default=[0, 25], help='test-time noise levels (0-255)')
+    p.add_argument('--attack-images', type=int, default=100)
+    p.add_argument('--attack-steps', type=int, default=20)
+    p.add_argument('--reference-model', default=None, help='a standard classifier attacked beside the model')
+    p.add_argument('--reference-checkpoint', default=None)
+    p.add_argument('--eigen-k', type=int, default=4, help="Jacobian eigenpairs at each end (0: skip)")
+    p.add_argument('--eigen-sigma', type=float, default=25.)
+    p.add_argument('--out', default=None, help='output folder (default: eval/<model>)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing results.json')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--no-progress', dest='progress', action='store_false')
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line; fills the default output folder and records the command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.out is None:
+        name = (args.model.split(':', 1)[-1]).strip('/').replace('/', '_') or 'model'
+        args.out = str(Path('eval') / name)
+    args.command = 'python -m timm_joint.evaluate ' + ' '.join(
+        a if a and all(c.isalnum() or c in '-_./:=' for c in a) else repr(a) for a in argv)
+    return args
+
+
+def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Parse ``argv`` and evaluate; bad input raises (ValueError, TypeError, FileExistsError).
+
+    Returns:
+        The results dictionary (as written to OUT/results.json).
+    """
+    return evaluate(parse_args(argv))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console entry point (timm-joint-evaluate): bad input exits with status 2 and a one-line error."""
+    args = parse_args(argv)
+    try:
+        results = evaluate(args)
+    except (ValueError, TypeError, FileExistsError) as e:
+        print(f'timm-joint-evaluate: error: {e}', file=sys.stderr)
+        sys.exit(2)
+    print(render_markdown(results))
+    print(f'wrote {Path(args.out) / "results.json"}, {Path(args.out) / "results.md"} and {len(results["figures"])} '
+          f'figures in {Path(args.out) / "figures"}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,240 @@
+"""PNG figures of an evaluation, drawn with matplotlib's Agg canvas.
+
+Figures are built on ``matplotlib.figure.Figure`` with an explicit Agg canvas rather than pyplot, so
+drawing never touches the global backend of a user's session (a notebook keeps its own) and works
+without a display. Each function takes plain arrays or the results dictionary and writes one file.
+"""
+import math
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    'denoising_grid', 'psnr_vs_sigma', 'robustness_curves', 'reliability_diagram', 'eigenvector_figure',
+]
+
+PathLike = Union[str, Path]
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp.png')
+    fig.savefig(tmp, format='png', bbox_inches='tight')
+    os.replace(tmp, path)
+    return path
+
+
+def _to_hwc(img: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
+    a = img.detach().cpu().float().numpy() if isinstance(img, torch.Tensor) else np.asarray(img, dtype=np.float32)
+    if a.ndim == 3 and a.shape[0] in (1, 3):
+        a = a.transpose(1, 2, 0)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    return a
+
+
+def denoising_grid(
+        clean: torch.Tensor,
+        noisy: torch.Tensor,
+        blind: torch.Tensor,
+        cond: torch.Tensor,
+        path: PathLike,
+        *,
+        sigma_255: float,
+        titles: Optional[Sequence[str]] = None,
+) -> Path:
+    """Rows of images: clean, noisy, D(y), D(y, c) and the scaled difference D(y, c) - D(y).
+
+    The difference (the paper's eq. 9: sigma^2 grad log p(c | y)) is shown per row around mid-grey,
+    scaled by its largest absolute value so its structure is visible whatever its size.
+
+    Args:
+        clean, noisy, blind, cond: Images [N, C, H, W] (pixels in [0, 1]; clamped for display).
+        path: Output PNG.
+        sigma_255: Noise level (0-255) for the title.
+        titles: Optional row labels (e.g. class names).
+    """
+    n = clean.shape[0]
+    cols = ['clean x', f'noisy y (sigma={sigma_255:g})', 'D(y) blind', 'D(y, c)', 'D(y, c) - D(y), scaled']
+    fig = _new_figure(2.0 * len(cols), 2.0 * n + 0.4)
+    axes = fig.subplots(n, len(cols), squeeze=False)
+    for i in range(n):
+        diff = (cond[i] - blind[i]).detach().cpu().float()
+        scale = float(diff.abs().max())
+        diff_img = 0.5 + 0.5 * diff / scale if scale > 0 else torch.full_like(diff, 0.5)
+        row = [clean[i], noisy[i], blind[i], cond[i], diff_img]
+        for j, img in enumerate(row):
+            ax = axes[i][j]
+            a = np.clip(_to_hwc(img), 0., 1.)
+            ax.imshow(a, cmap='gray' if a.ndim == 2 else None, vmin=0, vmax=1, interpolation='nearest')
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(cols[j], fontsize=8)
+            if j == 4:
+                ax.set_xlabel(f'max |diff| {scale:.3g}', fontsize=7)
+        if titles is not None:
+            axes[i][0].set_ylabel(str(titles[i]), fontsize=8)
+    return _save(fig, path)
+
+
+def _series(d: Dict[str, object]) -> List[tuple]:
+    pts = [(float(k), float(v)) for k, v in d.items() if isinstance(v, (int, float)) and math.isfinite(float(v))]
+    return sorted(pts)
+
+
+def psnr_vs_sigma(
+        results: Dict[str, object],
+        path: PathLike,
+        *,
+        train_sigma_max_255: Optional[float] = None,
+) -> Path:
+    """PSNR against sigma (0-255) for blind, class-conditional and noisy inputs; training range shaded.
+
+    Args:
+        results: The results dictionary (``psnr``, ``noisy_psnr``).
+        path: Output PNG.
+        train_sigma_max_255: Largest training noise level, shaded [0, sigma_max]; None: nothing marked
+            (the title says the range is unknown).
+    """
+    fig = _new_figure(5.5, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    styles = {'blind': ('D(y) blind', '-o'), 'cond_true': ('D(y, c) true class', '--s'),
+              'cond_pred': ('D(y, c) predicted class', ':^')}
+    for key, (label, style) in styles.items():
+        pts = _series(results.get('psnr', {}).get(key, {}))
+        if pts:
+            ax.plot(*zip(*pts), style, label=label, markersize=4)
+    pts = _series(results.get('noisy_psnr', {}))
+    if pts:
+        ax.plot(*zip(*pts), '-', color='grey', label='noisy input y', linewidth=1)
+    if train_sigma_max_255 is not None:
+        ax.axvspan(0, train_sigma_max_255, color='tab:green', alpha=0.12,
+                   label=f'training range (sigma <= {train_sigma_max_255:g})')
+        ax.set_title('PSNR against noise level', fontsize=10)
+    else:
+        ax.set_title('PSNR against noise level (training range unknown)', fontsize=10)
+    ax.set_xlabel('sigma (0-255)')
+    ax.set_ylabel('PSNR (dB)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def robustness_curves(robustness: Dict[str, object], path: PathLike) -> Path:
+    """Robust accuracy against epsilon, one panel per attack, one line per (model, sigma).
+
+    Args:
+        robustness: The ``robustness`` entry of the results (``accuracy``: {model: {attack: {sigma:
+            {epsilon: %}}}}, ``epsilon_units``).
+        path: Output PNG.
+    """
+    acc = robustness['accuracy']
+    attacks = sorted({a for per_model in acc.values() for a in per_model})
+    units = robustness.get('epsilon_units', {})
+    fig = _new_figure(5.0 * len(attacks), 4.0)
+    axes = fig.subplots(1, len(attacks), squeeze=False)[0]
+    linestyles = ['-', '--', ':', '-.']
+    for ax, a in zip(axes, attacks):
+        for mi, (name, per_model) in enumerate(acc.items()):
+            for si, (sigma, cells) in enumerate(sorted(per_model.get(a, {}).items(), key=lambda kv: float(kv[0]))):
+                pts = _series(cells)
+                ax.plot(*zip(*pts), linestyles[mi % len(linestyles)], marker='o', markersize=3,
+                        color=f'C{si}', label=f'{name}, sigma={sigma}')
+        rb = robustness.get('robustbench', {}).get(a)
+        if rb is not None:
+            ax.axvline(float(rb), linestyle=':', color='grey', linewidth=1, label=f'RobustBench ({rb})')
+        ax.set_title(f'{a.upper()} PGD', fontsize=10)
+        ax.set_xlabel(f'epsilon ({units.get(a, "")})')
+        ax.set_ylabel('robust top-1 (%)')
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def reliability_diagram(bins: Dict[str, List[float]], path: PathLike, *, title: str = '') -> Path:
+    """Accuracy per confidence bin against the diagonal, with the bin counts below.
+
+    Args:
+        bins: ``ece``'s bins (``edges``, ``count``, ``accuracy``, ``confidence``).
+        path: Output PNG.
+        title: Figure title (e.g. the ECE and sigma).
+    """
+    edges = np.asarray(bins['edges'], dtype=np.float64)
+    acc = np.asarray(bins['accuracy'], dtype=np.float64)
+    count = np.asarray(bins['count'], dtype=np.float64)
+    width = np.diff(edges)
+    fig = _new_figure(4.5, 5.0)
+    ax, ax_n = fig.subplots(2, 1, gridspec_kw={'height_ratios': [3, 1]}, sharex=True)
+    ok = np.isfinite(acc)
+    ax.bar(edges[:-1][ok], acc[ok], width=width[ok], align='edge', edgecolor='black', alpha=0.7, label='accuracy')
+    ax.plot([0, 1], [0, 1], '--', color='grey', label='perfect calibration')
+    ax.set_ylabel('accuracy')
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc='upper left')
+    ax.set_title(title, fontsize=10)
+    ax_n.bar(edges[:-1], count, width=width, align='edge', edgecolor='black', color='tab:grey')
+    ax_n.set_xlabel('confidence (max softmax)')
+    ax_n.set_ylabel('images')
+    return _save(fig, path)
+
+
+def eigenvector_figure(
+        image: torch.Tensor,
+        top_values: Sequence[float],
+        top_vectors: torch.Tensor,
+        bottom_values: Sequence[float],
+        bottom_vectors: torch.Tensor,
+        path: PathLike,
+        *,
+        sigma_255: float,
+) -> Path:
+    """The noisy image and the top / bottom eigenvectors of the denoiser's Jacobian at it.
+
+    Each eigenvector is shown around mid-grey, scaled by its largest absolute value, with its
+    eigenvalue above it.
+
+    Args:
+        image: The noisy image y [C, H, W].
+        top_values, top_vectors: Largest eigenvalues [k] and eigenvectors [k, C, H, W].
+        bottom_values, bottom_vectors: Smallest eigenvalues [k] and eigenvectors [k, C, H, W].
+        path: Output PNG.
+        sigma_255: Noise level of y (0-255).
+    """
+    k = max(len(top_values), len(bottom_values))
+    fig = _new_figure(1.8 * (k + 1), 4.0)
+    axes = fig.subplots(2, k + 1, squeeze=False)
+    for r, (label, values, vectors) in enumerate((('top', top_values, top_vectors),
+                                                  ('bottom', bottom_values, bottom_vectors))):
+        ax = axes[r][0]
+        ax.imshow(np.clip(_to_hwc(image), 0, 1), interpolation='nearest')
+        ax.set_title(f'y (sigma={sigma_255:g})', fontsize=8)
+        ax.set_ylabel(label, fontsize=9)
+        for j in range(k):
+            ax = axes[r][j + 1]
+            if j < len(values):
+                v = vectors[j].detach().cpu().float()
+                v = 0.5 + 0.5 * v / max(float(v.abs().max()), 1e-12)
+                a = _to_hwc(v)
+                ax.imshow(np.clip(a, 0, 1), cmap='gray' if a.ndim == 2 else None, interpolation='nearest')
+                ax.set_title(f'lambda={float(values[j]):.3g}', fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_xticks([])
+        axes[r][0].set_yticks([])
+    fig.suptitle("eigenvectors of the denoiser's Jacobian", fontsize=10)
+    return _save(fig, path)
