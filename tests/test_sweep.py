@@ -1,0 +1,40 @@
+"""timm_joint.sweep: equal-budget runs through train_joint.py, one table."""
+import json
+
+import pytest
+import yaml
+
+from timm_joint import sweep
+
+
+def test_sweep_runs_variants_at_equal_budget_and_reuses_finished_ones(tmp_path, monkeypatch):
+    from timm_joint.data import prepare_quickstart
+    data = tmp_path / 'qs'
+    prepare_quickstart(data, patch_size=16, train_per_class=12, val_per_class=3, short_side=96,
+                       images=('astronaut', 'brick', 'coffee'))
+    cfg = tmp_path / 'tiny.yaml'
+    cfg.write_text(yaml.safe_dump({
+        'model': 'gradresnet_tiny_joint', 'model_kwargs': ['channels=[8,16]', 'layers=[1,1]'],
+        'num_classes': 3, 'img_size': 16, 'batch_size': 6, 'epochs': 1, 'workers': 0}))
+    monkeypatch.setitem(sweep.DATASETS, 'tiny', (str(data), 'quickstart'))
+    monkeypatch.setattr(sweep, '_prepare', lambda *a, **k: None)
+    out = tmp_path / 'sweep'
+    records = sweep.run_sweep('tasks', config=str(cfg), dataset='tiny', steps=2, out=out,
+                              variants=['classification only', 'denoising only'])
+    assert [r['variant'] for r in records] == ['classification only', 'denoising only']
+    assert 'top1_s0' in records[0] and 'psnr_s25' not in records[0]
+    assert 'psnr_s25' in records[1] and 'top1_s0' not in records[1]
+    args = yaml.safe_load((out / 'classification_only' / 'args.yaml').read_text())
+    assert args['max_steps'] == 2 and args['task'] == 'classification'
+    # a finished variant is read back, not retrained
+    stamp = (out / 'denoising_only' / 'summary.csv').stat().st_mtime_ns
+    again = sweep.run_sweep('tasks', config=str(cfg), dataset='tiny', steps=2, out=out, variants=['denoising only'])
+    assert (out / 'denoising_only' / 'summary.csv').stat().st_mtime_ns == stamp
+    assert again[0]['psnr_s25'] == records[1]['psnr_s25']
+    table = sweep.render_table(records)
+    assert table.count('\n') == 3 and 'n/a' in table
+
+
+def test_unknown_preset_is_refused(tmp_path):
+    with pytest.raises(ValueError, match='unknown preset'):
+        sweep.run_sweep('nope', config='x', dataset='quickstart', steps=1, out=tmp_path)

@@ -1,0 +1,156 @@
+"""Train several variants at an equal budget with ``train_joint.py`` and print one comparison table.
+
+    python -m timm_joint.sweep --preset design  --steps 300     # DESIGN §3 design choices
+    python -m timm_joint.sweep --preset tasks   --steps 300     # classification-only, denoising-only, joint
+    python -m timm_joint.sweep --preset tasks --dataset digits  # the same on scikit-learn's digits
+
+Every variant is one ``train_joint.py`` run (a fresh process) from the same base config, the same seed
+and the same number of optimizer steps, so the classification and denoising loaders see the same images
+per task; wall time is reported beside the metrics. Results go to ``runs/sweeps/NAME/results.json``
+and a Markdown table (``results.md``) printed at the end. Finished variants are reused on a re-run
+(their exported summary is read back), so an interrupted sweep resumes where it stopped.
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+__all__ = ['PRESETS', 'run_sweep', 'render_table']
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Each preset: (variant name, extra train_joint.py arguments).
+PRESETS: Dict[str, List[Tuple[str, List[str]]]] = {
+    'tasks': [
+        ('classification only', ['--task', 'classification']),
+        ('denoising only', ['--task', 'denoising']),
+        ('joint', ['--task', 'joint']),
+        ('timm resnet18, classification', ['--task', 'classification', '--model', 'resnet18']),
+    ],
+    'design': [
+        ('default', []),
+        ('timm resnet18, classification', ['--task', 'classification', '--model', 'resnet18']),
+        ('no side connections', ['--model-kwargs', 'side_energy=False']),
+        ('norm after every conv', ['--model-kwargs', 'norm_position=conv']),
+        ('GroupNorm without scale', ['--model-kwargs', 'norm_layer=groupnorm_noaffine']),
+        ('lambda 0.1', ['--lambda-den', '0.1']),
+        ('lambda 10', ['--lambda-den', '10']),
+        ('sigma_max_cls 25', ['--sigma-max-cls', '25']),
+        ('sigma_max_cls 100', ['--sigma-max-cls', '100']),
+        ('sigma_max_den 50', ['--sigma-max-den', '50']),
+        ('sigma_max_den 200', ['--sigma-max-den', '200']),
+    ],
+    # The paper's ablations (Table 3): each one flag away from the default.
+    'ablations': [
+        ('default', []),
+        ('ReLU', ['--model-kwargs', 'act_layer=relu']),
+        ('BatchNorm', ['--model-kwargs', 'norm_layer=batchnorm', 'norm_position=conv']),
+        ('biases', ['--model-kwargs', 'bias=True']),
+        ('no side connections', ['--model-kwargs', 'side_energy=False']),
+    ],
+}
+
+DATASETS = {
+    'quickstart': ('data/quickstart', 'quickstart'),
+    'digits': ('data/digits', 'digits'),
+}
+
+COLUMNS = ('top1_s0', 'top1_s25', 'psnr_s15', 'psnr_s25', 'psnr_s50')
+
+
+def _read_summary(run_dir: Path) -> Optional[Dict[str, float]]:
+    path = run_dir / 'summary.csv'
+    if not path.is_file():
+        return None
+    rows = list(csv.DictReader(open(path)))
+    if not rows:
+        return None
+    last = rows[-1]
+    return {k[len('eval_'):]: float(v) for k, v in last.items() if k.startswith('eval_') and v != ''}
+
+
+def _prepare(kind: str, data_dir: str) -> None:
+    subprocess.run([sys.executable, '-m', 'timm_joint.data', kind, '--root', data_dir], check=True, cwd=ROOT)
+
+
+def run_sweep(
+        preset: str,
+        *,
+        config: str,
+        dataset: str,
+        steps: int,
+        out: Path,
+        extra: Sequence[str] = (),
+        variants: Optional[Sequence[str]] = None,
+) -> List[Dict]:
+    """Run (or reuse) every variant of a preset; return one record per variant."""
+    if preset not in PRESETS:
+        raise ValueError(f'unknown preset {preset!r}: expected one of {sorted(PRESETS)}')
+    data_dir, prepare = DATASETS[dataset]
+    _prepare(prepare, data_dir)
+    records = []
+    for name, args in PRESETS[preset]:
+        if variants and name not in variants:
+            continue
+        slug = name.replace(' ', '_').replace('/', '_')
+        run_dir = out / slug
+        timing = run_dir / 'wall_time.json'
+        if _read_summary(run_dir) is None or not timing.is_file():
+            cmd = [sys.executable, str(ROOT / 'train_joint.py'), '-c', config, '--data-dir', data_dir,
+                   '--max-steps', str(steps), '--eval-interval', '1000000', '--no-progress',
+                   '--output', str(out), '--experiment', slug, *args, *extra]
+            print(f'[sweep] {name}: {" ".join(cmd[1:])}', flush=True)
+            t0 = time.time()
+            subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get(
+                'OMP_NUM_THREADS', str(os.cpu_count() or 1))))
+            timing.write_text(json.dumps({'wall_s': time.time() - t0}))
+        metrics = _read_summary(run_dir) or {}
+        wall = json.loads(timing.read_text())['wall_s']
+        records.append({'variant': name, 'args': args, 'steps': steps, 'wall_s': wall, **metrics})
+        print(f'[sweep] {name}: ' + ' '.join(f'{k} {metrics[k]:.2f}' for k in COLUMNS if k in metrics), flush=True)
+    return records
+
+
+def render_table(records: Sequence[Dict]) -> str:
+    """Markdown table: top-1 (%) at sigma 0 and 25, blind PSNR (dB) at 15/25/50, wall time."""
+    head = '| variant | top-1 σ=0 | top-1 σ=25 | PSNR σ=15 | PSNR σ=25 | PSNR σ=50 | wall (s) |'
+    lines = [head, '|' + '---|' * 7]
+    for r in records:
+        cells = [f'{r[k]:.1f}' if k.startswith('top1') and k in r else
+                 f'{r[k]:.2f}' if k in r else 'n/a' for k in COLUMNS]
+        lines.append(f"| {r['variant']} | " + ' | '.join(cells) + f" | {r['wall_s']:.0f} |")
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description='Equal-budget comparisons with train_joint.py')
+    parser.add_argument('--preset', default='tasks', choices=sorted(PRESETS))
+    parser.add_argument('--dataset', default='quickstart', choices=sorted(DATASETS))
+    parser.add_argument('-c', '--config', default='configs/quickstart.yaml')
+    parser.add_argument('--steps', type=int, default=300, help='optimizer steps per variant')
+    parser.add_argument('--name', default=None, help='sweep folder name (default: PRESET-DATASET-STEPS)')
+    parser.add_argument('--output', default='runs/sweeps')
+    parser.add_argument('--variants', nargs='*', default=None, help='only these variants (names as in the table)')
+    parser.add_argument('extra', nargs='*', help='further train_joint.py arguments for every variant (after --)')
+    args = parser.parse_args(argv)
+    if args.steps <= 0:
+        parser.error('--steps must be positive')
+    out = ROOT / args.output / (args.name or f'{args.preset}-{args.dataset}-{args.steps}')
+    out.mkdir(parents=True, exist_ok=True)
+    records = run_sweep(args.preset, config=args.config, dataset=args.dataset, steps=args.steps, out=out,
+                        extra=args.extra, variants=args.variants)
+    table = render_table(records)
+    (out / 'results.json').write_text(json.dumps({'schema_version': 1, 'preset': args.preset,
+                                                  'dataset': args.dataset, 'steps': args.steps,
+                                                  'config': args.config, 'records': records}, indent=2))
+    (out / 'results.md').write_text(table + '\n')
+    print(table)
+
+
+if __name__ == '__main__':
+    main()
