@@ -12,11 +12,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .metrics import psnr
 from .noise import STREAM_EVAL, add_noise, from_255, seeded_noise
 
 __all__ = [
     'TrainState', 'CheckpointManager', 'DenoisingStage', 'parse_den_schedule', 'stage_for_epoch',
-    'noisy_batch', 'validate', 'psnr_per_image', 'NonFiniteLossError',
+    'noisy_batch', 'validate', 'NonFiniteLossError',
 ]
 
 STATE_FILE = 'train_state.json'
@@ -172,12 +173,6 @@ def noisy_batch(
     return add_noise(x, sig, eps.to(x.device)), sig
 
 
-def psnr_per_image(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """PSNR per image in dB, peak 1.0, output clamped to [0, 1]: [B]."""
-    mse = (x_hat.clamp(0, 1).float() - x.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
-
-
 @torch.no_grad()
 def validate(
         model: nn.Module,
@@ -217,7 +212,7 @@ def validate(
                 with accelerator.autocast():
                     # only a non-blind baseline (DRUNet) is told the noise level
                     d = model.denoise(y) if getattr(model, 'blind', True) else model.denoise(y, sigma=sig)
-                per_sample[f'psnr_s{s:g}'] = psnr_per_image(d, x)
+                per_sample[f'psnr_s{s:g}'] = psnr(d, x).float()
         for k, v in per_sample.items():
             sums.setdefault(k, []).append(accelerator.gather_for_metrics(v.float()))
     return {k: float(torch.cat(v).mean()) for k, v in sums.items()}
