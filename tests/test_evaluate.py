@@ -306,3 +306,27 @@ def test_wrapped_timm_classifier_export_round_trips(tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(x), net(x), atol=1e-5)
         assert torch.allclose(loaded.denoise(x), net.denoise(x), atol=1e-5)
+
+
+@pytest.mark.parametrize('arch, kwargs', [('dncnn_deepinv', dict(depth=3, width=8)),
+                                          ('drunet_deepinv', dict(width=4, num_blocks=1))])
+def test_dedicated_denoiser_gets_blind_psnr_and_no_classification(arch, kwargs, assets, tmp_path):
+    pytest.importorskip('deepinv')
+    net = timm.create_model(arch, **kwargs).eval()
+    save_pretrained(net, tmp_path / 'export', model_name=arch, model_args=kwargs)
+    r = run(['--model', f'local-dir:{tmp_path / "export"}',
+             *_common(assets, tmp_path / 'o', '--sigmas', '--psnr-sigmas', '25')])
+    validate_results(r)
+    assert r['psnr']['cond_true']['25'] == 'n/a' and r['accuracy'] == {}
+    # the same PSNR by hand (DRUNet is non-blind: it must be told sigma)
+    from timm_joint.data import create_eval_dataset
+    from timm_joint.metrics import psnr
+    from timm_joint.robustness import fixed_eval_noise
+    ds = create_eval_dataset('', assets['qs'], img_size=16)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = x + 25 / 255 * fixed_eval_noise(list(range(len(ds))), x.shape[1:], seed=0)
+    with torch.no_grad():
+        d = net.denoise(y, sigma=25 / 255)
+    assert r['psnr']['blind']['25'] == pytest.approx(float(psnr(d, x).mean()), abs=1e-4)
+    with pytest.raises(ValueError, match='no classifier'):
+        run(['--model', f'local-dir:{tmp_path / "export"}', *_common(assets, tmp_path / 'o2', '--sigmas', '0')])

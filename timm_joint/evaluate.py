@@ -494,7 +494,13 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     if args.reference_model:
         reference, ref_info = load_model(
             args.reference_model, args.reference_checkpoint, num_classes=args.num_classes, device=device)
-    has_denoiser = isinstance(model, JointDensityMixin)
+    # A joint model classifies and denoises (blind and class-conditional); a dedicated denoiser (DnCNN,
+    # DRUNet) only denoises, and a non-blind one is told sigma; a plain timm classifier only classifies.
+    is_joint = isinstance(model, JointDensityMixin)
+    has_denoiser = is_joint or hasattr(model, 'denoise')
+    can_classify = bool(getattr(model, 'num_classes', 0))
+    if not can_classify and (args.sigmas or args.attack):
+        raise ValueError(f'{args.model} has no classifier: pass --sigmas with no values and no --attack')
     cfg = _model_cfg(model)
     img_size = args.img_size or int(cfg.get('input_size', (3, 224, 224))[-1])
     crop_pct = float(cfg.get('crop_pct', 1.0) or 1.0) if args.crop_pct is None else args.crop_pct
@@ -558,18 +564,28 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
                 key = level_key(s255)
                 sigma = s255 / 255.
                 y = x + sigma * eps
-                logits = model(y).float()
-                prob = logits.softmax(-1)
-                pred = logits.argmax(-1)
-                if key in correct:
-                    correct[key].append(metrics.top1_correct(logits, target).cpu())
-                    confidence[key].append(prob.max(-1).values.cpu())
+                pred = None
+                if can_classify:
+                    logits = model(y).float()
+                    prob = logits.softmax(-1)
+                    pred = logits.argmax(-1)
+                    if key in correct:
+                        correct[key].append(metrics.top1_correct(logits, target).cpu())
+                        confidence[key].append(prob.max(-1).values.cpu())
                 if key not in per['noisy']:
                     continue
                 per['noisy'][key].append(metrics.psnr(y, x, clamp=False).cpu())
                 if not has_denoiser:
                     continue
-                d_blind = model.denoise(y)
+                d_blind = model.denoise(y) if getattr(model, 'blind', True) else model.denoise(y, sigma=sigma)
+                if not (is_joint and can_classify):
+                    per['blind'][key].append(metrics.psnr(d_blind, x).cpu())
+                    per['ssim_blind'][key].append(metrics.ssim(d_blind, x).cpu())
+                    if s255 == grid_sigma and bool(in_grid.any()):
+                        for name, t in (('clean', x), ('noisy', y), ('blind', d_blind), ('cond', d_blind),
+                                        ('labels', target)):
+                            grid_rows[name].append(t[in_grid].cpu())
+                    continue
                 d_pred = model.denoise(y, sigma=sigma, c=pred)
                 per['blind'][key].append(metrics.psnr(d_blind, x).cpu())
                 per['cond_pred'][key].append(metrics.psnr(d_pred, x).cpu())
@@ -586,7 +602,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
                                     ('labels', target if has_labels else pred)):
                         grid_rows[name].append(t[in_grid].cpu())
             if ood_ds is not None:
-                _ood_scores(model, x, eps, args.ood_sigma / 255., has_denoiser, ood_scores['in'])
+                _ood_scores(model, x, eps, args.ood_sigma / 255., is_joint, ood_scores['in'])
             take = torch.tensor([p in attack_pos for p in pos])
             if bool(take.any()):
                 attack_pool.append((x[take.to(device)], target[take.to(device)], index[take]))
@@ -596,7 +612,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
                 x = x.to(device)
                 # A different seed offset keeps the OOD noise independent of the in-distribution noise.
                 eps = fixed_eval_noise(index.tolist(), x.shape[1:], seed=args.seed + 1).to(device=device, dtype=x.dtype)
-                _ood_scores(model, x, eps, args.ood_sigma / 255., has_denoiser, ood_scores['out'])
+                _ood_scores(model, x, eps, args.ood_sigma / 255., is_joint, ood_scores['out'])
 
     results: Dict[str, Any] = {
         'schema_version': SCHEMA_VERSION,
@@ -675,7 +691,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
 
     # 4. The Jacobian spectrum of the denoiser at the first noisy image.
     eigen = None
-    if has_denoiser and args.eigen_k > 0:
+    if is_joint and args.eigen_k > 0:
         x0, _, i0 = ds[0]
         eps0 = fixed_eval_noise([i0], x0.shape, seed=args.seed)
         y0 = (x0[None] + args.eigen_sigma / 255. * eps0).to(device=device, dtype=torch.float64)
