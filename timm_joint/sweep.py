@@ -108,6 +108,20 @@ def _evaluate(run_dir: Path, data_dir: str, task: str) -> Dict[str, float]:
     return metrics
 
 
+def _epochs_for(steps: int, config: str, data_dir: str, args: Sequence[str]) -> int:
+    """Epochs whose learning-rate schedule ends at ``steps`` (one epoch = len(train set) // batch)."""
+    import math
+    import yaml
+    cfg = yaml.safe_load(open(ROOT / config if not os.path.isabs(config) else config)) or {}
+    batch = int(cfg.get('batch_size', 128))
+    task = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == '--task'), cfg.get('task', 'joint'))
+    if task == 'denoising':
+        batch = int(cfg.get('den_batch_size') or batch)
+    n_train = sum(1 for p in Path(data_dir).joinpath('train').rglob('*') if p.suffix.lower() in ('.png', '.jpg', '.jpeg'))
+    per_epoch = max(1, n_train // batch) if n_train else steps
+    return max(1, math.ceil(steps / per_epoch))
+
+
 def run_sweep(
         preset: str,
         *,
@@ -137,7 +151,8 @@ def run_sweep(
         timing = run_dir / 'wall_time.json'
         if _read_summary(run_dir) is None or not timing.is_file():
             cmd = [sys.executable, str(ROOT / 'train_joint.py'), '-c', config, '--data-dir', data_dir,
-                   '--max-steps', str(steps), '--eval-interval', '1000000', '--no-progress',
+                   '--max-steps', str(steps), '--epochs', str(_epochs_for(steps, config, data_dir, args)),
+                   '--eval-interval', '1000000', '--no-progress',
                    '--output', str(out), '--experiment', slug, *args, *extra]
             print(f'[sweep] {name}: {" ".join(cmd[1:])}', flush=True)
             t0 = time.time()
