@@ -125,6 +125,7 @@ def test_yaml_defaults_and_cli_precedence(tmp_path):
     (['--torchcompile'], 'double backward'),
     (['--sigma-max-den', '0'], 'must be > 0'),
     (['--mixup', '0.8', '-b', '7'], 'even --batch-size'),
+    (['--dataset', 'torch/no_such_set'], 'could not open dataset'),
 ])
 def test_bad_options_are_refused_before_training(extra, message, data_dir, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -206,3 +207,11 @@ def test_denoising_baselines_train_with_the_same_script(data_dir, tmp_path):
         net = timm.create_model(f'local-dir:{out / "export" / "last"}', pretrained=True).eval()
         y = torch.rand(2, 3, 16, 16)
         assert net.denoise(y, sigma=25 / 255).shape == y.shape
+
+
+def test_gradient_accumulation_and_bf16(data_dir, tmp_path):
+    out = run(TINY + ['--data-dir', data_dir, '-b', '4', '--epochs', '1', '--max-steps', '2', '--grad-accum-steps', '3',
+                      '--mixed-precision', 'bf16', '--output', tmp_path, '--experiment', 'acc'])
+    state = yaml.safe_load(next((out / 'checkpoints').glob('step_*')).joinpath('train_state.json').read_text())
+    assert state['num_updates'] == 2 and state['step_in_epoch'] == 6   # 3 batches per optimizer step
+    assert all(torch.isfinite(v).all() for v in _weights(out / 'export' / 'last').values())

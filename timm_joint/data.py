@@ -148,8 +148,13 @@ def _create_dataset(dataset: str, data_dir: Optional[str], split: str, download:
     check_data_dir(dataset, data_dir, download)
     try:
         ds = create_dataset(dataset, root=data_dir, split=split, is_training=False, download=download, **kwargs)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise ValueError(f'could not open dataset {dataset!r} (split {split!r}) at {data_dir!r}: {e}') from e
+    except ImportError as e:
+        raise ValueError(f'dataset {dataset!r} needs an optional package ({e}): for hfds/ '
+                         f'pip install -e ".[hfds]", for wds/ pip install -e ".[wds]"') from e
+    except (FileNotFoundError, RuntimeError, AssertionError, KeyError) as e:
+        raise ValueError(f'could not open dataset {dataset!r} (split {split!r}) at {data_dir!r}: '
+                         f'{type(e).__name__}: {e}. Expected "" (an image folder), torch/<torchvision name>, '
+                         f'hfds/<name>, ...') from e
     if len(ds) == 0:
         raise ValueError(f'dataset {dataset!r} split {split!r} at {data_dir!r} has no images')
     return ds
