@@ -7,9 +7,10 @@
 
 Every variant is one ``train_joint.py`` run (a fresh process) from the same base config, the same seed
 and the same number of optimizer steps, so the classification and denoising loaders see the same images
-per task; wall time is reported beside the metrics. Results go to ``runs/sweeps/NAME/results.json``
-and a Markdown table (``results.md``) printed at the end. Finished variants are reused on a re-run
-(their exported summary is read back), so an interrupted sweep resumes where it stopped.
+per task; wall time is reported beside the metrics. Results go to ``runs/sweeps/NAME/PRESET.json``
+and a Markdown table (``PRESET.md``) printed at the end; presets may share a folder and its runs.
+Finished variants are reused on a re-run (their summary is read back), and an interrupted run resumes
+from its checkpoint, so a sweep can be stopped and started again.
 """
 import argparse
 import csv
@@ -200,10 +201,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     records = run_sweep(args.preset, config=args.config, dataset=args.dataset, steps=args.steps, out=out,
                         extra=args.extra, variants=args.variants, evaluate=args.evaluate)
     table = render_table(records)
-    (out / 'results.json').write_text(json.dumps({'schema_version': 1, 'preset': args.preset,
+    (out / f'{args.preset}.json').write_text(json.dumps({'schema_version': 1, 'preset': args.preset,
                                                   'dataset': args.dataset, 'steps': args.steps,
                                                   'config': args.config, 'records': records}, indent=2))
-    (out / 'results.md').write_text(table + '\n')
+    (out / f'{args.preset}.md').write_text(table + '\n')
     print(table)
 
 
