@@ -76,7 +76,8 @@ group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='i
 group = parser.add_argument_group('Joint objective')
 group.add_argument('--task', default='joint', choices=('joint', 'classification', 'denoising'),
                    help='what to train: both heads, or one of the single-task baselines')
-group.add_argument('--lambda-den', type=float, default=1.0, metavar='LAMBDA', help='weight of the denoising loss')
+group.add_argument('--lambda-den', type=float, default=10.0, metavar='LAMBDA',
+                   help='weight of the denoising loss (default from the measured sweep in the README)')
 group.add_argument('--den-weighting', default='none', choices=('none', 'inv_sigma2'),
                    help='denoising loss per image: plain mean, or weighted by 1/sigma^2 (epsilon prediction)')
 group.add_argument('--sigma-max-cls', type=float, default=50., metavar='S',
