@@ -441,6 +441,10 @@ def main(argv=None):
     def export(name, net):
         if is_main:
             cfg_out = dict(getattr(net, 'pretrained_cfg', {}) or {})
+            # The export evaluates at the size it was trained at (a timm classifier's cfg says 224).
+            n_chans = int(cfg_out.get('input_size', (3,))[0])
+            cfg_out.update(input_size=(n_chans, img_size, img_size), crop_pct=crop_pct)
+            cfg_out.pop('test_input_size', None)
             if not hasattr(net, 'denoise'):
                 # A plain timm classifier was trained on raw [0, 1] pixels: say so in its config, so timm's
                 # data pipeline does not normalise what it never saw normalised.

@@ -215,3 +215,14 @@ def test_gradient_accumulation_and_bf16(data_dir, tmp_path):
     state = yaml.safe_load(next((out / 'checkpoints').glob('step_*')).joinpath('train_state.json').read_text())
     assert state['num_updates'] == 2 and state['step_in_epoch'] == 6   # 3 batches per optimizer step
     assert all(torch.isfinite(v).all() for v in _weights(out / 'export' / 'last').values())
+
+
+def test_timm_classifier_export_states_its_training_size_and_raw_pixels(data_dir, tmp_path):
+    import timm
+    out = run(['--model', 'test_resnet', '--task', 'classification', '--num-classes', '4', '--img-size', '16',
+               '-j', '0', '--no-progress', '--data-dir', data_dir, '-b', '8', '--epochs', '1', '--max-steps', '1',
+               '--output', tmp_path, '--experiment', 'r'])
+    net = timm.create_model(f'local-dir:{out / "export" / "last"}', pretrained=True)
+    cfg = timm.data.resolve_data_config({}, model=net)
+    assert tuple(cfg['input_size']) == (3, 16, 16)
+    assert tuple(cfg['mean']) == (0., 0., 0.) and tuple(cfg['std']) == (1., 1., 1.)

@@ -96,6 +96,12 @@ def _evaluate(run_dir: Path, data_dir: str, task: str) -> Dict[str, float]:
         cmd = [sys.executable, '-m', 'timm_joint.evaluate', '--model', f'local-dir:{run_dir / "export" / "last"}',
                '--dataset', '', '--data-dir', data_dir, '--psnr-sigmas', '15', '25', '50',
                '--eigen-k', '0', '--grid-images', '2', '--workers', '0', '--no-progress', '--out', str(out)]
+        args_file = run_dir / 'args.yaml'
+        if args_file.is_file():  # evaluate at the training size, whatever the export's config says
+            import yaml
+            img_size = (yaml.safe_load(args_file.read_text()) or {}).get('img_size')
+            if img_size:
+                cmd += ['--img-size', str(img_size)]
         cmd += ['--sigmas', '0', '25'] if task != 'denoising' else ['--sigmas']
         subprocess.run(cmd, check=True, cwd=ROOT)
     res = json.loads((out / 'results.json').read_text())
