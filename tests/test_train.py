@@ -199,7 +199,9 @@ def test_denoising_baselines_train_with_the_same_script(data_dir, tmp_path):
     pytest.importorskip('deepinv')
     import timm
     for name, kwargs in (('dncnn_deepinv', ['depth=3', 'width=8']), ('drunet_deepinv', ['width=4', 'num_blocks=1'])):
+        # --num-classes comes with a shared config; a denoiser has no classifier and ignores it
         out = run(['--model', name, '--model-kwargs', *kwargs, '--task', 'denoising', '--img-size', '16',
+                   '--num-classes', '4',
                    '-j', '0', '--no-progress', '--data-dir', data_dir, '-b', '6', '--epochs', '1',
                    '--max-steps', '2', '--output', tmp_path, '--experiment', name])
         rows = list(csv.DictReader(open(out / 'summary.csv')))

@@ -113,8 +113,10 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> DeepinvDenoiser:
-    kwargs.setdefault('num_classes', 0)
-    kwargs.pop('drop_rate', None)       # train_joint passes the classifier's regularisers; not used here
+    # A training config's class count (and classifier regularisers) mean nothing to a denoiser: drop them,
+    # so one config serves the joint model and its denoising baselines.
+    kwargs['num_classes'] = 0
+    kwargs.pop('drop_rate', None)
     kwargs.pop('drop_path_rate', None)
     return build_model_with_cfg(DeepinvDenoiser, variant, pretrained, pretrained_strict=True, **kwargs)
 
