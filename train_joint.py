@@ -571,7 +571,7 @@ def main(argv=None):
     except NonFiniteLossError as e:
         if is_main:
             _logger.error(str(e))
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     finally:
         # Tear down in this order: with end_training() alone gloo aborted at exit in 8 of 20 runs here.
         del objective, optimizer, loader_cls, loader_den, loader_eval, den_iter, model_ema, model_unwrapped

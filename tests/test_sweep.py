@@ -1,5 +1,4 @@
 """timm_joint.sweep: equal-budget runs through train_joint.py, one table."""
-import json
 
 import pytest
 import yaml

@@ -13,4 +13,4 @@ from . import hub  # noqa: E402  (timm_joint.hub.save_pretrained / load_model / 
 __version__ = '0.1.0'
 
 __all__ = ['GradResNet', 'JointDensityMixin', 'JointDensityWrapper', 'EnergyHead', 'HF_HUB_ORG',
-           'from_255', 'to_255']
+           'from_255', 'to_255', 'hub']

@@ -2,7 +2,6 @@
 validation, the denoising patch schedule.
 """
 import json
-import math
 import os
 import shutil
 from dataclasses import asdict, dataclass
