@@ -1,5 +1,7 @@
 """timm_joint.sweep: equal-budget runs through train_joint.py, one table."""
 
+import json
+
 import pytest
 import yaml
 
@@ -37,3 +39,27 @@ def test_sweep_runs_variants_at_equal_budget_and_reuses_finished_ones(tmp_path, 
 def test_unknown_preset_is_refused(tmp_path):
     with pytest.raises(ValueError, match='unknown preset'):
         sweep.run_sweep('nope', config='x', dataset='quickstart', steps=1, out=tmp_path)
+
+
+def test_table1_smoke_trains_and_evaluates_each_model_with_the_same_command(tmp_path, monkeypatch):
+    """CI's small version of the Table-1 command: a GradResNet and a deepinv baseline, two steps each."""
+    pytest.importorskip('deepinv')
+    from timm_joint.data import prepare_quickstart
+    data = tmp_path / 'qs'
+    prepare_quickstart(data, patch_size=16, train_per_class=8, val_per_class=2, short_side=96,
+                       images=('astronaut', 'brick', 'coffee'))
+    cfg = tmp_path / 'tiny.yaml'
+    cfg.write_text(yaml.safe_dump({'model': 'gradresnet_tiny_joint', 'num_classes': 3, 'img_size': 16,
+                                   'batch_size': 6, 'epochs': 1, 'workers': 0}))
+    monkeypatch.setitem(sweep.DATASETS, 'tiny', (str(data), 'quickstart'))
+    monkeypatch.setattr(sweep, '_prepare', lambda *a, **k: None)
+    out = tmp_path / 'table1'
+    names = ['GradResNet, joint', 'DnCNN (depth 6, width 16), denoising only']
+    records = sweep.run_sweep('table1', config=str(cfg), dataset='tiny', steps=2, out=out, variants=names,
+                              evaluate=True)
+    by_name = {r['variant']: r for r in records}
+    assert sorted(by_name) == sorted(names)
+    for name, r in by_name.items():
+        res = json.loads((out / name.replace(' ', '_') / 'eval' / 'results.json').read_text())
+        assert r['psnr_s25'] == res['psnr']['blind']['25']      # the table is the evaluate command's output
+    assert 'top1_s0' in by_name[names[0]] and 'top1_s0' not in by_name[names[1]]
