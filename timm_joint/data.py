@@ -26,6 +26,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 from torchvision import transforms as T
 
+from .noise import sample_seed
+
 __all__ = [
     'IndexedDataset', 'create_joint_datasets', 'create_eval_dataset', 'cls_transform', 'den_transform',
     'eval_transform', 'prepare_quickstart', 'prepare_digits', 'QUICKSTART_IMAGES', 'check_data_dir',
@@ -72,14 +74,10 @@ class IndexedDataset(Dataset):
             img, target = self.dataset[index]
             return img, target, index
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_augment_seed(self.seed, self.stream, self.epoch, index))
+            # Offset the stream so augmentation draws never coincide with the noise draws of noise.py.
+            torch.manual_seed(sample_seed(self.seed, self.stream + 4, self.epoch, index))
             img, target = self.dataset[index]
         return img, target, index
-
-
-def _augment_seed(seed: int, stream: int, epoch: int, index: int) -> int:
-    # Offset the stream so augmentation draws never coincide with the noise draws of noise.py.
-    return (((int(seed) * 8 + int(stream) + 4) * (1 << 20) + int(epoch)) * (1 << 31) + int(index)) % (1 << 63)
 
 
 class _MinSize:

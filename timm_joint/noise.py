@@ -17,7 +17,7 @@ import torch
 SigmaLike = Union[float, int, torch.Tensor]
 
 __all__ = [
-    'from_255', 'to_255', 'check_sigma', 'sample_sigma', 'seeded_noise', 'add_noise',
+    'from_255', 'to_255', 'check_sigma', 'sample_sigma', 'sample_seed', 'seeded_noise', 'add_noise',
     'STREAM_CLS', 'STREAM_DEN', 'STREAM_EVAL',
 ]
 
@@ -99,6 +99,22 @@ def sample_sigma(
     return sigma_max * u * u
 
 
+def _sample_key(seed: int, stream: int, epoch: int, index: int) -> np.random.SeedSequence:
+    key = [int(seed), int(stream), int(epoch), int(index)]
+    if min(key) < 0:
+        raise ValueError(f'seed, stream, epoch and sample index must be >= 0, got {key}')
+    return np.random.SeedSequence(key)
+
+
+def sample_seed(seed: int, stream: int, epoch: int, index: int) -> int:
+    """A 32-bit torch seed for one (seed, stream, epoch, sample index), hashed by numpy's SeedSequence.
+
+    torch's CPU generator keeps only the low 32 bits of a seed, so the four numbers are hashed
+    together rather than packed into one integer (packing lost the seed and the stream).
+    """
+    return int(_sample_key(seed, stream, epoch, index).generate_state(1, dtype=np.uint32)[0])
+
+
 def _sample_rng(seed: int, stream: int, epoch: int, index: int) -> np.random.Generator:
     """A generator of its own for one (seed, stream, epoch, sample index).
 
@@ -106,10 +122,7 @@ def _sample_rng(seed: int, stream: int, epoch: int, index: int) -> np.random.Gen
     four numbers into one seed made different streams, seeds and even epochs (all but the parity)
     draw the same noise. numpy's SeedSequence hashes the whole tuple into the generator's state.
     """
-    key = [int(seed), int(stream), int(epoch), int(index)]
-    if min(key) < 0:
-        raise ValueError(f'seed, stream, epoch and sample index must be >= 0, got {key}')
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(key)))
+    return np.random.Generator(np.random.PCG64(_sample_key(seed, stream, epoch, index)))
 
 
 def seeded_noise(
