@@ -33,6 +33,10 @@ import yaml
 
 _logger = logging.getLogger('train_joint')
 
+def _optional_float(value):
+    return None if str(value).lower() in ('none', 'null', '') else float(value)
+
+
 # The first parser reads only the config file; its values become the defaults of the second.
 config_parser = parser = argparse.ArgumentParser(description='Training Config', add_help=False)
 parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
@@ -76,8 +80,12 @@ group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='i
 group = parser.add_argument_group('Joint objective')
 group.add_argument('--task', default='joint', choices=('joint', 'classification', 'denoising'),
                    help='what to train: both heads, or one of the single-task baselines')
-group.add_argument('--lambda-den', type=float, default=10.0, metavar='LAMBDA',
-                   help='weight of the denoising loss (default from the measured sweep in the README)')
+group.add_argument('--lambda-den', type=float, default=200.0, metavar='LAMBDA',
+                   help='weight of the denoising loss at the end of the schedule (default from the measured '
+                        'sweep in the README)')
+group.add_argument('--lambda-den-start', type=_optional_float, default=10.0, metavar='LAMBDA',
+                   help='joint task: the weight ramps linearly from this value to --lambda-den over the '
+                        'schedule\'s updates (--epochs, like the lr); "none" for a constant --lambda-den')
 group.add_argument('--den-weighting', default='none', choices=('none', 'inv_sigma2'),
                    help='denoising loss per image: plain mean, or weighted by 1/sigma^2 (epsilon prediction)')
 group.add_argument('--sigma-max-cls', type=float, default=50., metavar='S',
@@ -217,8 +225,9 @@ def check_args(args) -> None:
         raise ValueError('--val-sigmas and --val-psnr-sigmas must be >= 0 (0-255 units)')
     if any(0 < s < 1 for s in [args.sigma_max_cls, args.sigma_max_den] + args.val_psnr_sigmas):
         _logger.warning('noise levels on the command line are in 0-255 units: did you mean sigma*255?')
-    if args.lambda_den < 0:
-        raise ValueError(f'--lambda-den must be >= 0, got {args.lambda_den}')
+    if args.lambda_den < 0 or (args.lambda_den_start is not None and args.lambda_den_start < 0):
+        raise ValueError(f'--lambda-den and --lambda-den-start must be >= 0, got {args.lambda_den}, '
+                         f'{args.lambda_den_start}')
     if args.batch_size <= 0 or args.grad_accum_steps <= 0:
         raise ValueError('--batch-size and --grad-accum-steps must be positive')
     args.model_kwargs_dict = _parse_model_kwargs(args.model_kwargs)
@@ -268,7 +277,7 @@ def main(argv=None):
 
     from timm_joint.data import create_eval_dataset, create_joint_datasets, set_denoising_patch
     from timm_joint.hub import save_pretrained
-    from timm_joint.losses import JointLoss, JointObjective
+    from timm_joint.losses import JointLoss, JointObjective, linear_ramp
     from timm_joint.noise import STREAM_CLS, STREAM_DEN, from_255
     from timm_joint.training import (
         CheckpointManager, NonFiniteLossError, TrainState, cycle_loader, finite_or_raise, noisy_batch,
@@ -374,6 +383,7 @@ def main(argv=None):
         cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
         warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, step_on_epochs=False,
         updates_per_epoch=updates_per_epoch)
+    total_updates = num_epochs * updates_per_epoch  # the lambda ramp spans the schedule, as the lr does
 
     objective, optimizer, loader_eval = accelerator.prepare(objective, optimizer, loader_eval)
     if loader_cls is not None:
@@ -455,7 +465,8 @@ def main(argv=None):
                             extra_config={'timm_joint': {
                                 'task': args.task, 'wrapper': type(net).__name__ == 'JointDensityWrapper',
                                 'sigma_max_cls_255': args.sigma_max_cls, 'sigma_max_den_255': args.sigma_max_den,
-                                'lambda_den': args.lambda_den, 'num_updates': state.num_updates}})
+                                'lambda_den': args.lambda_den, 'lambda_den_start': args.lambda_den_start,
+                                'num_updates': state.num_updates}})
 
     def save_state():
         meta = dict(model=args.model, task=args.task, epoch=state.epoch, step_in_epoch=state.step_in_epoch,
@@ -482,7 +493,7 @@ def main(argv=None):
                 total = n_batches
             objective.train()
             meters = OrderedDict()
-            t0, n_seen = time.time(), 0
+            t0, n_seen, n_steps = time.time(), 0, 0
             pbar = tqdm(total=total, initial=state.step_in_epoch, desc=f'epoch {epoch}', disable=not show,
                         leave=False)
             for batch in it:
@@ -501,6 +512,9 @@ def main(argv=None):
                         x_den, _, idx_den = next(den_iter) if use_cls else batch
                         y_den, sigma_den = noisy_batch(x_den, idx_den, sigma_max=den_sigma_max, seed=args.seed,
                                                        epoch=state.den_epoch, stream=STREAM_DEN)
+                    if args.lambda_den_start is not None and use_cls and use_den:
+                        loss_fn.lambda_den = linear_ramp(args.lambda_den_start, args.lambda_den,
+                                                         state.num_updates, total_updates)
                     with accelerator.autocast():
                         out = objective(y_cls, y_den, sigma_den)
                     terms = loss_fn(out, target, x_den, sigma_den)
@@ -512,8 +526,11 @@ def main(argv=None):
                     optimizer.zero_grad(set_to_none=True)
                 state.step_in_epoch += 1
                 n_seen += (y_cls if y_cls is not None else y_den).shape[0]
+                n_steps += 1
                 for k, v in terms.items():
                     meters[k] = meters.get(k, 0.) + float(v.detach())
+                if use_cls and use_den:
+                    meters['lambda_den'] = meters.get('lambda_den', 0.) + loss_fn.lambda_den
                 if accelerator.sync_gradients:
                     state.num_updates += 1
                     lr_scheduler.step_update(num_updates=state.num_updates)
@@ -525,7 +542,7 @@ def main(argv=None):
                         stop = True
                 pbar.update(1)
                 if state.step_in_epoch % args.log_interval == 0 or stop:
-                    avg = {k: v / state.step_in_epoch for k, v in meters.items()}
+                    avg = {k: v / n_steps for k, v in meters.items()}
                     lr = optimizer.param_groups[0]['lr']
                     msg = ' '.join(f'{k} {v:.4g}' for k, v in avg.items())
                     if show:
@@ -536,7 +553,7 @@ def main(argv=None):
                 if stop:
                     break
             pbar.close()
-            train_metrics = OrderedDict((k, v / max(1, state.step_in_epoch)) for k, v in meters.items())
+            train_metrics = OrderedDict((k, v / max(1, n_steps)) for k, v in meters.items())
             epoch_done = not stop or state.step_in_epoch >= total
             if epoch_done:
                 state.epoch += 1

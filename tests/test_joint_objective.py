@@ -30,12 +30,13 @@ def _epoch_cls_losses(train_joint, data_dir, out, task):
     for s in (AcceleratorState, PartialState):
         s._reset_state()
     GradientState._reset_state()
-    # The recipe's defaults (lambda, sigma ranges, optimizer) come from the quickstart config: a change of
-    # default that starves the classifier fails here.
+    # The recipe (lambda ramp, sigma ranges, optimizer, lr) comes from the quickstart config: a change of
+    # default that starves the classifier fails here (a constant lambda 1000 does: its cross-entropy
+    # falls 0.06 against 0.73 for classification only; the default recipe's falls 0.69).
     run_dir = train_joint.main([
         '-c', str(ROOT / 'configs' / 'quickstart.yaml'),
         '--num-classes', '4', '--img-size', '16', '--data-dir', str(data_dir), '-b', '8',
-        '--den-batch-size', '8', '--epochs', '8', '--lr', '0.01', '--eval-interval', '1', '--val-psnr-sigmas', '25',
+        '--den-batch-size', '8', '--epochs', '16', '--eval-interval', '1', '--val-psnr-sigmas', '25',
         '--no-progress', '--seed', '0', '--task', task, '--output', str(out), '--experiment', task])
     rows = list(csv.DictReader(open(run_dir / 'summary.csv')))
     return [float(r['train_loss_cls']) for r in rows]
@@ -45,7 +46,7 @@ def test_joint_classification_loss_falls_at_least_half_as_much_as_classification
     train_joint = _train_module()
     cls = _epoch_cls_losses(train_joint, data_dir, tmp_path, 'classification')
     joint = _epoch_cls_losses(train_joint, data_dir, tmp_path, 'joint')
-    assert len(cls) == len(joint) == 8
+    assert len(cls) == len(joint) == 16
     drop_cls = cls[0] - min(cls[-2:])
     drop_joint = joint[0] - min(joint[-2:])
     assert drop_cls > 0.1, f'classification-only did not learn: {cls}'

@@ -105,7 +105,10 @@ def test_reset_classifier(name):
     assert model(x).shape == feat.shape
     model.reset_classifier(7, 'avg')
     assert model(x).shape == (1, 7) and model.get_classifier().out_features == 7
-    assert model.get_classifier().bias is None  # bias-free head, as built
+    assert model.get_classifier().bias is not None  # a head with a bias, as built
+    bias_free = timm.create_model(name, num_classes=NUM_CLASSES, bias=False)
+    bias_free.reset_classifier(7)
+    assert bias_free.get_classifier().bias is None  # and the bias-free ablation keeps its head bias-free
 
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
@@ -163,7 +166,7 @@ def test_features_only_and_forward_intermediates(name):
 
 
 def test_prune_intermediate_layers_keeps_a_consistent_model():
-    model = make_small_gradresnet(layers=(1, 1, 1), channels=(8, 16, 32))
+    model = make_small_gradresnet(layers=(1, 1, 1), channels=(8, 16, 32), bias=False)  # so D(0) = 0
     y = rand_images(1, 3, 13, 11)
     with torch.no_grad():
         inter = model.forward_intermediates(y, intermediates_only=True)
@@ -224,7 +227,8 @@ ABLATIONS = {
                    and not any(isinstance(a, nn.GroupNorm) for a in m.modules())),
     'norm_position': ('conv', lambda m: sum(isinstance(a, GroupNormScale) for a in m.modules())
                       > sum(len(s) for s in m.stages)),
-    'bias': (True, lambda m: m.stem[0].bias is not None and m.get_classifier().bias is not None),
+    'bias': (False, lambda m: not any(n.endswith('.bias') for n, _ in m.named_parameters())),
+    'norm_bias': (False, lambda m: m.stages[0][0].norm.bias is None and m.stem[0].bias is not None),
     'side_energy': (False, lambda m: len(m.energy_head.maps) == 1),
 }
 
@@ -234,8 +238,8 @@ def test_ablation_flags_build_and_run(flag):
     value, changed = ABLATIONS[flag]
     model = timm.create_model('gradresnet_tiny_joint', num_classes=NUM_CLASSES, **{flag: value})
     assert changed(model)
-    if flag != 'bias':  # bias-free stays bias-free whatever else changes
-        assert not any(n.endswith('.bias') for n, _ in model.named_parameters())
+    if flag not in ('bias', 'norm_bias'):  # the biases stay whatever else changes
+        assert model.stem[0].bias is not None and model.get_classifier().bias is not None
     x = rand_images(3, 3, 13, 11, dtype=torch.float32)
     _, terms = _joint_step(model, x + 0.1, x + 0.1, x, torch.tensor([0, 1, 2]))
     assert torch.isfinite(terms['loss'])

@@ -82,7 +82,8 @@ def test_resume_mid_epoch_equals_uninterrupted(data_dir, tmp_path):
     # 20 images/class x 4 classes = 80: 10 classification batches of 8 per epoch, denoising
     # batches of 24 cycle every 3 steps, so the stop at step 2 falls mid-epoch and mid-cycle.
     common = TINY + ['--data-dir', data_dir, '-b', '8', '--den-batch-size', '24', '--epochs', '1',
-                     '--mixup', '0.4', '--model-ema', '--model-ema-decay', '0.5', '--output', tmp_path]
+                     '--mixup', '0.4', '--model-ema', '--model-ema-decay', '0.5', '--output', tmp_path,
+                     '--lambda-den-start', '1', '--lambda-den', '50']  # the ramp resumes at its update
     full = run(common + ['--experiment', 'full', '--max-steps', '5'])
     part = run(common + ['--experiment', 'part', '--max-steps', '2'])
     state = yaml.safe_load((part / 'checkpoints').glob('step_*').__next__().joinpath('train_state.json').read_text())
@@ -93,6 +94,23 @@ def test_resume_mid_epoch_equals_uninterrupted(data_dir, tmp_path):
         a, b = _weights(full / 'export' / name), _weights(part / 'export' / name)
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f'{name}/{k}')
+
+
+def test_lambda_ramp_follows_the_updates_and_a_flat_ramp_equals_a_constant(data_dir, tmp_path):
+    # 80 images in batches of 8: 10 updates per epoch, 20 in all; the weight goes 2 -> 20 linearly.
+    common = TINY + ['--data-dir', data_dir, '-b', '8', '--den-batch-size', '8', '--epochs', '2',
+                     '--output', tmp_path]
+    ramp = run(common + ['--experiment', 'ramp', '--lambda-den-start', '2', '--lambda-den', '20'])
+    rows = list(csv.DictReader(open(ramp / 'summary.csv')))
+    for epoch, row in enumerate(rows):
+        mean_update = sum(range(10 * epoch, 10 * epoch + 10)) / 10
+        assert float(row['train_lambda_den']) == pytest.approx(2 + 18 * mean_update / 19)
+    flat = run(common + ['--experiment', 'flat', '--lambda-den-start', '5', '--lambda-den', '5'])
+    const = run(common + ['--experiment', 'const', '--lambda-den-start', 'none', '--lambda-den', '5'])
+    a, b = _weights(flat / 'export' / 'last'), _weights(const / 'export' / 'last')
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(a[k], v) for k, v in _weights(ramp / 'export' / 'last').items())
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):
@@ -125,6 +143,7 @@ def test_yaml_defaults_and_cli_precedence(tmp_path):
     (['--torchcompile'], 'double backward'),
     (['--sigma-max-den', '0'], 'must be > 0'),
     (['--mixup', '0.8', '-b', '7'], 'even --batch-size'),
+    (['--lambda-den-start', '-1'], 'must be >= 0'),
     (['--dataset', 'torch/no_such_set'], 'could not open dataset'),
 ])
 def test_bad_options_are_refused_before_training(extra, message, data_dir, tmp_path):

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ['JointObjective', 'JointLoss', 'TASKS']
+__all__ = ['JointObjective', 'JointLoss', 'linear_ramp', 'TASKS']
 
 TASKS = ('joint', 'classification', 'denoising')
 
@@ -121,3 +121,12 @@ class JointLoss:
             raise ValueError('JointLoss got no outputs: expected logits and/or denoised')
         terms['loss'] = loss
         return terms
+
+
+def linear_ramp(start: float, end: float, update: int, total_updates: int) -> float:
+    """The weight at optimizer update ``update`` (0-based) of a linear ramp from ``start`` (first update)
+    to ``end`` (last update, ``total_updates - 1``), held at ``end`` afterwards."""
+    if total_updates < 1 or update < 0:
+        raise ValueError(f'expected total_updates >= 1 and update >= 0, got {total_updates} and {update}')
+    frac = min(1., update / max(1, total_updates - 1))
+    return start + frac * (end - start)

@@ -5,9 +5,11 @@
     python -m timm_joint.sweep --preset tasks --dataset digits  # the same on scikit-learn's digits
     python -m timm_joint.sweep --preset table1 --evaluate       # the paper's Table 1, small scale
 
-Every variant is one ``train_joint.py`` run (a fresh process) from the same base config, the same seed
-and the same number of optimizer steps, so the classification and denoising loaders see the same images
-per task; wall time is reported beside the metrics. Results go to ``runs/sweeps/NAME/PRESET.json``
+Every variant is one ``train_joint.py`` run (a fresh process) per seed (``--seeds``, 42 by default)
+from the same base config and the same number of optimizer steps, so the classification and denoising
+loaders see the same images per task; with several seeds the table shows the mean ± the standard
+deviation over seeds (runs of one seed differ by several points of top-1 at this scale); wall time is
+reported beside the metrics. Results go to ``runs/sweeps/NAME/PRESET.json``
 and a Markdown table (``PRESET.md``) printed at the end; presets may share a folder and its runs.
 Finished variants are reused on a re-run (their summary is read back), and an interrupted run resumes
 from its checkpoint, so a sweep can be stopped and started again.
@@ -26,49 +28,46 @@ __all__ = ['PRESETS', 'run_sweep', 'render_table']
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Each preset: (variant name, extra train_joint.py arguments).
+# Each preset: (variant name, extra train_joint.py arguments). Presets may share a sweep folder: a
+# variant name always means the same arguments, so a run made for one preset is reused by the others.
+_RESNET18 = ('timm resnet18, classification', ['--task', 'classification', '--model', 'resnet18'])
+_CLS = ('classification only', ['--task', 'classification'])
+_DEN = ('denoising only', ['--task', 'denoising'])
+_JOINT = ('joint', ['--task', 'joint'])
 PRESETS: Dict[str, List[Tuple[str, List[str]]]] = {
-    'tasks': [
-        ('classification only', ['--task', 'classification']),
-        ('denoising only', ['--task', 'denoising']),
-        ('joint', ['--task', 'joint']),
-        ('timm resnet18, classification', ['--task', 'classification', '--model', 'resnet18']),
-    ],
+    'tasks': [_CLS, _DEN, _JOINT, _RESNET18],
     # The paper's Table 1 at small scale: the tasks above plus dedicated denoisers (deepinv's
     # architectures, trained here), narrowed to about the tiny GradResNet's cost so they train in minutes
     # on a CPU (the full DnCNN took about 7 s per step of 64 images here).
     'table1': [
-        ('timm resnet18, classification', ['--task', 'classification', '--model', 'resnet18']),
-        ('GradResNet, classification only', ['--task', 'classification']),
+        _RESNET18, _CLS,
         ('DnCNN (depth 6, width 16), denoising only', ['--task', 'denoising', '--model', 'dncnn_deepinv',
                                                        '--model-kwargs', 'depth=6', 'width=16']),
         ('DRUNet (width 8, 1 block), denoising only', ['--task', 'denoising', '--model', 'drunet_deepinv',
                                                        '--model-kwargs', 'width=8', 'num_blocks=1']),
-        ('GradResNet, denoising only', ['--task', 'denoising']),
-        ('GradResNet, joint', ['--task', 'joint']),
+        _DEN, _JOINT,
     ],
-    # Pinned to lambda 1 (the default when this table was first measured) so the rows stay comparable.
+    # DESIGN §3: the weight of the denoising term and its schedule, the noise ranges, the norm placement.
     'design': [
-        ('lambda 1', ['--lambda-den', '1']),
-        ('timm resnet18, classification', ['--task', 'classification', '--model', 'resnet18']),
-        ('no side connections, lambda 1', ['--lambda-den', '1', '--model-kwargs', 'side_energy=False']),
-        ('norm after every conv, lambda 1', ['--lambda-den', '1', '--model-kwargs', 'norm_position=conv']),
-        ('lambda 3', ['--lambda-den', '3']),
-        ('lambda 10', ['--lambda-den', '10']),
-        ('lambda 30', ['--lambda-den', '30']),
+        _JOINT, _RESNET18,
+        ('lambda 10, constant', ['--lambda-den-start', '10', '--lambda-den', '10']),
+        ('lambda 100, constant', ['--lambda-den-start', '100', '--lambda-den', '100']),
+        ('lambda 10 -> 100', ['--lambda-den-start', '10', '--lambda-den', '100']),
+        ('lambda 10 -> 1000', ['--lambda-den-start', '10', '--lambda-den', '1000']),
+        ('norm after every conv', ['--model-kwargs', 'norm_position=conv']),
         ('sigma_max_cls 25', ['--sigma-max-cls', '25']),
         ('sigma_max_den 200', ['--sigma-max-den', '200']),
     ],
-    # The paper's ablations (Table 3): each one flag away from the default.
+    # The paper's ablations (Table 3), each one flag away from the default.
     'ablations': [
-        ('lambda 10', ['--lambda-den', '10']),
+        _JOINT,
+        ('bias-free', ['--model-kwargs', 'bias=False']),
+        ('bias-free, norm shifts kept', ['--model-kwargs', 'bias=False', 'norm_bias=True']),
         ('ReLU', ['--model-kwargs', 'act_layer=relu']),
         ('BatchNorm', ['--model-kwargs', 'norm_layer=batchnorm', 'norm_position=conv']),
-        ('biases', ['--model-kwargs', 'bias=True']),
         ('no side connections', ['--model-kwargs', 'side_energy=False']),
     ],
 }
-# (The ablation rows run at the default lambda 10; 'lambda 10' is shared with the design preset.)
 
 DATASETS = {
     'quickstart': ('data/quickstart', 'quickstart'),
@@ -133,6 +132,40 @@ def _epochs_for(steps: int, config: str, data_dir: str, args: Sequence[str]) -> 
     return max(1, math.ceil(steps / per_epoch))
 
 
+def _run_variant(name, args, run_dir, config, data_dir, steps, extra, evaluate) -> Dict[str, float]:
+    """Train one variant at one seed (or read a finished run back); return its metrics and wall time."""
+    timing = run_dir / 'wall_time.json'
+    if _read_summary(run_dir) is None or not timing.is_file():
+        cmd = [sys.executable, str(ROOT / 'train_joint.py'), '-c', config, '--data-dir', data_dir,
+               '--max-steps', str(steps), '--epochs', str(_epochs_for(steps, config, data_dir, args)),
+               '--eval-interval', '1000000', '--no-progress',
+               '--output', str(run_dir.parent), '--experiment', run_dir.name, *args, *extra]
+        print(f'[sweep] {name}: {" ".join(cmd[1:])}', flush=True)
+        t0 = time.time()
+        subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get(
+            'OMP_NUM_THREADS', str(os.cpu_count() or 1))))
+        timing.write_text(json.dumps({'wall_s': time.time() - t0}))
+    metrics = _read_summary(run_dir) or {}
+    if evaluate:
+        task = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == '--task'), 'joint')
+        metrics = _evaluate(run_dir, data_dir, task)
+    return {**metrics, 'wall_s': json.loads(timing.read_text())['wall_s']}
+
+
+def _aggregate(name, args, steps, seeds, runs) -> Dict:
+    """One record: the mean over seeds of every metric, and its sample standard deviation."""
+    import statistics
+    record = {'variant': name, 'args': args, 'steps': steps, 'seeds': list(seeds)}
+    for key in runs[0]:
+        values = [r[key] for r in runs if key in r]
+        record[key] = statistics.fmean(values)
+        if len(values) > 1 and key != 'wall_s':
+            record[f'{key}_std'] = statistics.stdev(values)
+    if len(runs) > 1:
+        record['per_seed'] = [dict(r, seed=s) for s, r in zip(seeds, runs)]
+    return record
+
+
 def run_sweep(
         preset: str,
         *,
@@ -143,12 +176,16 @@ def run_sweep(
         extra: Sequence[str] = (),
         variants: Optional[Sequence[str]] = None,
         evaluate: bool = False,
+        seeds: Sequence[int] = (42,),
 ) -> List[Dict]:
-    """Run (or reuse) every variant of a preset; return one record per variant.
+    """Run (or reuse) every variant of a preset once per seed; return one record per variant.
 
     Metrics come from the run's final validation (summary.csv) or, with ``evaluate``, from
-    ``python -m timm_joint.evaluate`` on its export.
+    ``python -m timm_joint.evaluate`` on its export. With several seeds a record holds the mean of
+    each metric, its sample standard deviation (``KEY_std``) and the per-seed values (``per_seed``).
     """
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f'seeds must be distinct non-negative integers, got {list(seeds)}')
     if preset not in PRESETS:
         raise ValueError(f'unknown preset {preset!r}: expected one of {sorted(PRESETS)}')
     data_dir, prepare = DATASETS[dataset]
@@ -157,36 +194,32 @@ def run_sweep(
     for name, args in PRESETS[preset]:
         if variants and name not in variants:
             continue
-        slug = name.replace(' ', '_').replace('/', '_')
-        run_dir = out / slug
-        timing = run_dir / 'wall_time.json'
-        if _read_summary(run_dir) is None or not timing.is_file():
-            cmd = [sys.executable, str(ROOT / 'train_joint.py'), '-c', config, '--data-dir', data_dir,
-                   '--max-steps', str(steps), '--epochs', str(_epochs_for(steps, config, data_dir, args)),
-                   '--eval-interval', '1000000', '--no-progress',
-                   '--output', str(out), '--experiment', slug, *args, *extra]
-            print(f'[sweep] {name}: {" ".join(cmd[1:])}', flush=True)
-            t0 = time.time()
-            subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get(
-                'OMP_NUM_THREADS', str(os.cpu_count() or 1))))
-            timing.write_text(json.dumps({'wall_s': time.time() - t0}))
-        metrics = _read_summary(run_dir) or {}
-        if evaluate:
-            task = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == '--task'), 'joint')
-            metrics = _evaluate(run_dir, data_dir, task)
-        wall = json.loads(timing.read_text())['wall_s']
-        records.append({'variant': name, 'args': args, 'steps': steps, 'wall_s': wall, **metrics})
-        print(f'[sweep] {name}: ' + ' '.join(f'{k} {metrics[k]:.2f}' for k in COLUMNS if k in metrics), flush=True)
+        runs = []
+        for seed in seeds:
+            slug = f"{name.replace(' ', '_').replace('/', '_')}_seed{seed}"
+            runs.append(_run_variant(name, [*args, '--seed', str(seed)], out / slug, config, data_dir, steps,
+                                     extra, evaluate))
+        records.append(_aggregate(name, args, steps, seeds, runs))
+        print(f'[sweep] {name}: ' + ' '.join(f'{k} {records[-1][k]:.2f}' for k in COLUMNS if k in records[-1]),
+              flush=True)
     return records
 
 
 def render_table(records: Sequence[Dict]) -> str:
-    """Markdown table: top-1 (%) at sigma 0 and 25, blind PSNR (dB) at 15/25/50, wall time."""
+    """Markdown table: top-1 (%) at sigma 0 and 25, blind PSNR (dB) at 15/25/50, wall time (per run).
+
+    With several seeds each cell is the mean ± the sample standard deviation over seeds.
+    """
     head = '| variant | top-1 σ=0 | top-1 σ=25 | PSNR σ=15 | PSNR σ=25 | PSNR σ=50 | wall (s) |'
     lines = [head, '|' + '---|' * 7]
     for r in records:
-        cells = [f'{r[k]:.1f}' if k.startswith('top1') and k in r else
-                 f'{r[k]:.2f}' if k in r else 'n/a' for k in COLUMNS]
+        cells = []
+        for k in COLUMNS:
+            digits = 1 if k.startswith('top1') else 2
+            cell = f'{r[k]:.{digits}f}' if k in r else 'n/a'
+            if f'{k}_std' in r:
+                cell += f' ± {r[f"{k}_std"]:.{digits}f}'
+            cells.append(cell)
         lines.append(f"| {r['variant']} | " + ' | '.join(cells) + f" | {r['wall_s']:.0f} |")
     return '\n'.join(lines)
 
@@ -202,17 +235,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--variants', nargs='*', default=None, help='only these variants (names as in the table)')
     parser.add_argument('--evaluate', action='store_true',
                         help='measure each export with python -m timm_joint.evaluate (default: the run\'s validation)')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[42],
+                        help='train every variant once per seed; the table shows mean ± std over seeds')
     parser.add_argument('extra', nargs='*', help='further train_joint.py arguments for every variant (after --)')
     args = parser.parse_args(argv)
     if args.steps <= 0:
         parser.error('--steps must be positive')
+    if any(a == '--seed' or a.startswith('--seed=') for a in args.extra):
+        parser.error('give seeds with --seeds, not --seed after --: every run of a variant would share it')
     out = ROOT / args.output / (args.name or f'{args.preset}-{args.dataset}-{args.steps}')
     out.mkdir(parents=True, exist_ok=True)
     records = run_sweep(args.preset, config=args.config, dataset=args.dataset, steps=args.steps, out=out,
-                        extra=args.extra, variants=args.variants, evaluate=args.evaluate)
+                        extra=args.extra, variants=args.variants, evaluate=args.evaluate, seeds=args.seeds)
     table = render_table(records)
     (out / f'{args.preset}.json').write_text(json.dumps({'schema_version': 1, 'preset': args.preset,
                                                   'dataset': args.dataset, 'steps': args.steps,
+                                                  'seeds': args.seeds,
                                                   'config': args.config, 'records': records}, indent=2))
     (out / f'{args.preset}.md').write_text(table + '\n')
     print(table)

@@ -2,14 +2,15 @@
 
 Departures from ResNet (each a constructor argument, so every ablation is one flag):
     * ``act_layer``: GELU instead of ReLU (the denoiser is a gradient, it needs a smooth network);
-    * ``norm_layer`` / ``norm_position``: one bias-free GroupNorm per basic block, after the residual
-      addition ('end'), instead of a BatchNorm after every conv ('conv');
-    * ``bias``: no bias in any conv, linear or norm layer, so D(0) = 0;
+    * ``norm_layer`` / ``norm_position``: one GroupNorm per basic block, after the residual addition
+      ('end'), instead of a BatchNorm after every conv ('conv');
+    * ``bias``: biases in convs, norms and the classifier (the default, measured best here); ``False``
+      gives the bias-free network of Mohan et al., for which D(0) = 0;
     * ``side_energy``: energy terms on every stage's output, so that in the backward pass every
       resolution receives its forward features, as a UNet decoder receives skips;
     * ``stem``: '32' (3x3 conv, stride 1) or '224' (7x7 conv, stride 2), never a max-pool.
 
-Inputs are raw [0, 1] pixels (mean 0, std 1 in the configs): a mean subtraction is a bias.
+Inputs are raw [0, 1] pixels (mean 0, std 1 in the configs), so the bias-free ablation stays bias-free.
 """
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
@@ -38,7 +39,7 @@ class GroupNormScale(nn.GroupNorm):
         num_groups: Groups; reduced to the largest divisor of C not above it.
         eps: Variance epsilon.
         affine: Learn a per-channel scale.
-        bias: Learn a per-channel shift too (the 'biases' ablation).
+        bias: Learn a per-channel shift too (GradResNet's default; off in the bias-free ablation).
     """
 
     def __init__(
@@ -87,29 +88,31 @@ class BasicBlock(nn.Module):
             norm_layer: Callable = GroupNormScale,
             norm_position: str = 'end',
             bias: bool = False,
+            norm_bias: Optional[bool] = None,
             drop_path_rate: float = 0.,
             device=None,
             dtype=None,
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
+        norm_bias = bias if norm_bias is None else norm_bias
         if norm_position not in ('end', 'conv'):
             raise ValueError(f"norm_position must be 'end' or 'conv', got {norm_position!r}")
         self.norm_position = norm_position
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=bias, **dd)
-        self.norm1 = _make_norm(norm_layer, out_chs, bias, dd) if norm_position == 'conv' else nn.Identity()
+        self.norm1 = _make_norm(norm_layer, out_chs, norm_bias, dd) if norm_position == 'conv' else nn.Identity()
         self.act1 = act_layer()
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=bias, **dd)
-        self.norm2 = _make_norm(norm_layer, out_chs, bias, dd) if norm_position == 'conv' else nn.Identity()
+        self.norm2 = _make_norm(norm_layer, out_chs, norm_bias, dd) if norm_position == 'conv' else nn.Identity()
         if stride != 1 or in_chs != out_chs:
             layers = [nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=bias, **dd)]
             if norm_position == 'conv':
-                layers.append(_make_norm(norm_layer, out_chs, bias, dd))
+                layers.append(_make_norm(norm_layer, out_chs, norm_bias, dd))
             self.downsample = nn.Sequential(*layers)
         else:
             self.downsample = nn.Identity()
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
-        self.norm = _make_norm(norm_layer, out_chs, bias, dd) if norm_position == 'end' else nn.Identity()
+        self.norm = _make_norm(norm_layer, out_chs, norm_bias, dd) if norm_position == 'end' else nn.Identity()
         self.act2 = act_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,9 +134,11 @@ class GradResNet(JointDensityMixin, nn.Module):
         in_chans: Image channels.
         stem: '32' (3x3 stride-1 conv) or '224' (7x7 stride-2 conv); no max-pool either way.
         act_layer: Activation (GELU; ReLU for the ablation).
-        norm_layer: Norm (bias-free GroupNorm; BatchNorm2d for the ablation).
+        norm_layer: Norm (GroupNorm; BatchNorm2d for the ablation).
         norm_position: 'end' (one norm per block, after the addition) or 'conv' (after every conv).
-        bias: Biases in convs, norms and the classifier (the ablation; False keeps D(0) = 0).
+        bias: Biases in convs, norms and the classifier (False: the bias-free ablation, D(0) = 0).
+        norm_bias: Shifts in the norms (default: as ``bias``), to ablate the norms' shifts apart
+            from the conv and classifier biases.
         side_energy: Energy terms on every stage's output (side connections), not only the last.
         energy_init_scale: Initial scale of the energy head's 1x1 maps.
         global_pool: Classifier pooling type.
@@ -151,7 +156,8 @@ class GradResNet(JointDensityMixin, nn.Module):
             act_layer: Union[str, Type[nn.Module]] = 'gelu',
             norm_layer: Union[str, Callable] = 'groupnorm',
             norm_position: str = 'end',
-            bias: bool = False,
+            bias: bool = True,
+            norm_bias: Optional[bool] = None,
             side_energy: bool = True,
             energy_init_scale: float = 0.1,
             global_pool: str = 'avg',
@@ -168,6 +174,7 @@ class GradResNet(JointDensityMixin, nn.Module):
             raise ValueError(f"stem must be '32' or '224', got {stem!r}")
         act_layer = get_act_layer(act_layer) if isinstance(act_layer, str) else act_layer
         norm_layer = _resolve_norm(norm_layer)
+        norm_bias = bias if norm_bias is None else norm_bias
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -183,7 +190,7 @@ class GradResNet(JointDensityMixin, nn.Module):
             stem_stride = 2
         stem_layers = [stem_conv]
         if norm_position == 'conv':
-            stem_layers.append(_make_norm(norm_layer, channels[0], bias, dd))
+            stem_layers.append(_make_norm(norm_layer, channels[0], norm_bias, dd))
         stem_layers.append(act_layer())
         self.stem = nn.Sequential(*stem_layers)
         self.feature_info = [dict(num_chs=channels[0], reduction=stem_stride, module=f'stem.{len(stem_layers) - 1}')]
@@ -197,7 +204,7 @@ class GradResNet(JointDensityMixin, nn.Module):
             for j in range(depth):
                 blocks.append(BasicBlock(
                     in_chs, out_chs, stride=stride if j == 0 else 1, act_layer=act_layer,
-                    norm_layer=norm_layer, norm_position=norm_position, bias=bias,
+                    norm_layer=norm_layer, norm_position=norm_position, bias=bias, norm_bias=norm_bias,
                     drop_path_rate=dpr[block_idx], **dd))
                 in_chs, block_idx = out_chs, block_idx + 1
             stages.append(nn.Sequential(*blocks))
