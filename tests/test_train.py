@@ -113,6 +113,20 @@ def test_lambda_ramp_follows_the_updates_and_a_flat_ramp_equals_a_constant(data_
     assert any(not torch.equal(a[k], v) for k, v in _weights(ramp / 'export' / 'last').items())
 
 
+def test_hfds_dataset_trains_exactly_as_the_image_folder(data_dir, tmp_path, monkeypatch):
+    # --dataset hfds/PATH goes through timm's reader and Hugging Face datasets (its imagefolder builder on
+    # the local folder, offline; --data-dir is the datasets cache): same samples in the same order, so
+    # the same weights as the image-folder run.
+    pytest.importorskip('datasets')
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    common = TINY + ['-b', '8', '--den-batch-size', '8', '--epochs', '1', '--max-steps', '3', '--output', tmp_path]
+    folder = run(common + ['--data-dir', data_dir, '--experiment', 'folder'])
+    hfds = run(common + ['--dataset', f'hfds/{data_dir}', '--data-dir', tmp_path / 'hf-cache', '--experiment', 'hfds'])
+    a, b = _weights(folder / 'export' / 'last'), _weights(hfds / 'export' / 'last')
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
 def test_incomplete_checkpoint_is_ignored(tmp_path):
     from timm_joint.training import CheckpointManager
     (tmp_path / 'step_00000004').mkdir()            # killed before its state file was written
