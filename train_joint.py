@@ -255,6 +255,12 @@ def build_model(args):
         raise ValueError(f'model {args.model!r} does not accept these arguments ({e}); check --model-kwargs') from e
     if args.initial_checkpoint:
         _load_initial_checkpoint(model, args.initial_checkpoint)
+    from timm_joint.models.gradresnet import GradResNet
+    if isinstance(model, GradResNet):
+        # Exports name the biases explicitly, so they load whatever GradResNet's defaults become.
+        norms = [m for m in model.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.BatchNorm2d))]
+        model_args.setdefault('bias', model.stem[0].bias is not None)
+        model_args.setdefault('norm_bias', any(m.bias is not None for m in norms))
     if args.task != 'classification' and not hasattr(model, 'denoise'):
         model = JointDensityWrapper(model)
     return model, model_args

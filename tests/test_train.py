@@ -1,6 +1,7 @@
 """train_joint.py: tasks, outputs, resume, distributed equivalence, argument handling."""
 import csv
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -69,6 +70,9 @@ def test_each_task_writes_summary_args_and_loadable_export(task, data_dir, tmp_p
         assert float(rows[0]['eval_psnr_s25']) > 0
     import timm
     import timm_joint  # noqa: F401
+    # The export names the biases, so it does not depend on GradResNet's defaults.
+    cfg = json.loads((out / 'export' / 'last' / 'config.json').read_text())
+    assert cfg['model_args']['bias'] is True and cfg['model_args']['norm_bias'] is True
     model = timm.create_model(f'local-dir:{out / "export" / "last"}', pretrained=True).eval()
     sd = _weights(out / 'export' / 'last')
     for k, v in model.state_dict().items():
