@@ -9,7 +9,9 @@ import yaml
 from timm_joint import sweep
 
 
-def test_sweep_runs_variants_at_equal_budget_and_reuses_finished_ones(tmp_path, monkeypatch):
+@pytest.fixture
+def tiny_cfg(tmp_path, monkeypatch):
+    """A three-class patch set registered as the sweep dataset 'tiny', and a two-stage model config."""
     from timm_joint.data import prepare_quickstart
     data = tmp_path / 'qs'
     prepare_quickstart(data, patch_size=16, train_per_class=12, val_per_class=3, short_side=96,
@@ -20,6 +22,11 @@ def test_sweep_runs_variants_at_equal_budget_and_reuses_finished_ones(tmp_path, 
         'num_classes': 3, 'img_size': 16, 'batch_size': 6, 'epochs': 1, 'workers': 0}))
     monkeypatch.setitem(sweep.DATASETS, 'tiny', (str(data), 'quickstart'))
     monkeypatch.setattr(sweep, '_prepare', lambda *a, **k: None)
+    return cfg
+
+
+def test_sweep_runs_variants_at_equal_budget_and_reuses_finished_ones(tmp_path, tiny_cfg):
+    cfg = tiny_cfg
     out = tmp_path / 'sweep'
     records = sweep.run_sweep('tasks', config=str(cfg), dataset='tiny', steps=2, out=out,
                               variants=['classification only', 'denoising only'])
@@ -37,17 +44,8 @@ def test_sweep_runs_variants_at_equal_budget_and_reuses_finished_ones(tmp_path, 
     assert table.count('\n') == 3 and 'n/a' in table
 
 
-def test_seeds_are_separate_runs_and_the_table_shows_their_mean_and_spread(tmp_path, monkeypatch):
-    from timm_joint.data import prepare_quickstart
-    data = tmp_path / 'qs'
-    prepare_quickstart(data, patch_size=16, train_per_class=12, val_per_class=3, short_side=96,
-                       images=('astronaut', 'brick', 'coffee'))
-    cfg = tmp_path / 'tiny.yaml'
-    cfg.write_text(yaml.safe_dump({
-        'model': 'gradresnet_tiny_joint', 'model_kwargs': ['channels=[8,16]', 'layers=[1,1]'],
-        'num_classes': 3, 'img_size': 16, 'batch_size': 6, 'epochs': 1, 'workers': 0}))
-    monkeypatch.setitem(sweep.DATASETS, 'tiny', (str(data), 'quickstart'))
-    monkeypatch.setattr(sweep, '_prepare', lambda *a, **k: None)
+def test_seeds_are_separate_runs_and_the_table_shows_their_mean_and_spread(tmp_path, tiny_cfg):
+    cfg = tiny_cfg
     out = tmp_path / 'sweep'
     [rec] = sweep.run_sweep('tasks', config=str(cfg), dataset='tiny', steps=2, out=out,
                             variants=['denoising only'], seeds=[0, 1])
