@@ -51,6 +51,10 @@ group.add_argument('--dataset', metavar='NAME', default='',
                    help='dataset type + name ("<type>/<name>"): "" for an image folder, torch/cifar10, hfds/...')
 group.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split')
 group.add_argument('--val-split', metavar='NAME', default='validation', help='dataset validation split')
+group.add_argument('--train-num-samples', default=None, type=int, metavar='N',
+                   help='size of the train split of a streamed dataset (wds/, hfids/) that does not record it')
+group.add_argument('--val-num-samples', default=None, type=int, metavar='N',
+                   help='size of the validation split of a streamed dataset that does not record it')
 group.add_argument('--dataset-download', action='store_true', default=False,
                    help='allow download of the dataset for torch/ datasets')
 
@@ -281,13 +285,13 @@ def main(argv=None):
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from timm_joint.data import create_eval_dataset, create_joint_datasets, set_denoising_patch
+    from timm_joint.data import create_eval_dataset, create_joint_datasets, is_streamed, set_denoising_patch
     from timm_joint.hub import save_pretrained
     from timm_joint.losses import JointLoss, JointObjective, linear_ramp
     from timm_joint.noise import STREAM_CLS, STREAM_DEN, from_255
     from timm_joint.training import (
-        CheckpointManager, NonFiniteLossError, TrainState, cycle_loader, finite_or_raise, noisy_batch,
-        parse_den_schedule, read_checkpoint_meta, stage_for_epoch, validate)
+        CheckpointManager, DeviceLoader, NonFiniteLossError, TrainState, cycle_loader, finite_or_raise, noisy_batch,
+        parse_den_schedule, read_checkpoint_meta, skip_batches, stage_for_epoch, validate)
 
     # -- output folder and resume decision (before any write) --------------------------------------
     exp_name = args.experiment or '-'.join([
@@ -342,9 +346,13 @@ def main(argv=None):
     ds_cls, ds_den = create_joint_datasets(
         args.dataset, args.data_dir, img_size=img_size, patch_size=den_stages[0].patch_size,
         split=args.train_split, download=args.dataset_download, hflip=args.hflip, scale=args.scale,
-        seed=args.seed)
+        seed=args.seed, batch_size=args.batch_size, den_batch_size=den_stages[0].batch_size,
+        num_samples=args.train_num_samples)
     ds_eval = create_eval_dataset(args.dataset, args.data_dir, img_size=img_size, split=args.val_split,
-                                  download=args.dataset_download, crop_pct=crop_pct)
+                                  download=args.dataset_download, crop_pct=crop_pct,
+                                  batch_size=args.validation_batch_size or args.batch_size,
+                                  num_samples=args.val_num_samples)
+    streamed = is_streamed(args.dataset)
     num_classes = getattr(model, 'num_classes', None)
     targets_max = _max_target(ds_cls)
     if args.task != 'denoising' and targets_max is not None and num_classes and targets_max >= num_classes:
@@ -352,9 +360,19 @@ def main(argv=None):
                          f'set --num-classes {targets_max + 1}')
 
     def make_loader(ds, batch_size, shuffle, drop_last):
+        """A loader for accelerator.prepare, or for a stream (split by timm's reader) one that only moves
+        batches to the device."""
+        if streamed:
+            ds.set_loader_cfg(num_workers=args.workers)
+            return DeviceLoader(DataLoader(
+                ds, batch_size=batch_size, drop_last=drop_last, num_workers=args.workers,
+                pin_memory=torch.cuda.is_available(), generator=ds.generator), accelerator.device)
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                           num_workers=args.workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=False)
+
+    def prepare_loader(loader):
+        return loader if streamed else accelerator.prepare(loader)
 
     use_cls = args.task in ('joint', 'classification')
     use_den = args.task in ('joint', 'denoising')
@@ -380,7 +398,10 @@ def main(argv=None):
         layer_decay=args.layer_decay,
         **{k: v for k, v in (('eps', args.opt_eps), ('betas', tuple(args.opt_betas) if args.opt_betas else None))
            if v is not None})
-    n_batches = len(loader_cls) if use_cls else math.ceil(len(ds_den) / den_stages[0].batch_size)
+    if use_cls:
+        n_batches = len(loader_cls)
+    else:  # batches per process in one pass of the denoising loader (a stream's length is per process already)
+        n_batches = math.ceil(len(ds_den) / (den_stages[0].batch_size * (1 if streamed else accelerator.num_processes)))
     if n_batches == 0:
         raise ValueError(f'the training set ({len(ds_cls)} images) is smaller than one batch ({args.batch_size})')
     updates_per_epoch = max(1, n_batches // args.grad_accum_steps)
@@ -391,9 +412,10 @@ def main(argv=None):
         updates_per_epoch=updates_per_epoch)
     total_updates = num_epochs * updates_per_epoch  # the lambda ramp spans the schedule, as the lr does
 
-    objective, optimizer, loader_eval = accelerator.prepare(objective, optimizer, loader_eval)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    loader_eval = prepare_loader(loader_eval)
     if loader_cls is not None:
-        loader_cls = accelerator.prepare(loader_cls)
+        loader_cls = prepare_loader(loader_cls)
     model_unwrapped = accelerator.unwrap_model(objective).model
     model_ema = None
     if args.model_ema:
@@ -441,7 +463,7 @@ def main(argv=None):
             state.den_step = 0
         state.den_stage = stage_idx
         set_denoising_patch(ds_den, stage.patch_size, args.hflip)
-        loader_den = accelerator.prepare(make_loader(ds_den, stage.batch_size, True, True))
+        loader_den = prepare_loader(make_loader(ds_den, stage.batch_size, True, True))
         if len(loader_den) == 0:
             raise ValueError(f'the training set is smaller than one denoising batch ({stage.batch_size})')
         den_iter = cycle_loader(loader_den, state, skip=state.den_step)
@@ -491,8 +513,7 @@ def main(argv=None):
                 ds_cls.set_epoch(epoch)
                 it = loader_cls
                 if state.step_in_epoch:
-                    from accelerate import skip_first_batches
-                    it = skip_first_batches(loader_cls, state.step_in_epoch)
+                    it = skip_batches(loader_cls, state.step_in_epoch)
                 total = len(loader_cls)
             else:
                 it = (next(den_iter) for _ in range(n_batches - state.step_in_epoch))
@@ -605,8 +626,10 @@ def main(argv=None):
 
 def run_validation(validate, accelerator, objective, model_ema, loader_eval, args, use_cls, use_den):
     net = accelerator.unwrap_model(objective).model
+    from timm_joint.training import DeviceLoader
     kwargs = dict(acc_sigmas_255=args.val_sigmas, psnr_sigmas_255=args.val_psnr_sigmas, seed=args.seed,
-                  do_cls=use_cls, do_den=use_den, progress=not args.no_progress)
+                  do_cls=use_cls, do_den=use_den, progress=not args.no_progress,
+                  streamed=isinstance(loader_eval, DeviceLoader))
     loader = loader_eval
     if args.val_max_batches:
         import itertools
@@ -645,6 +668,9 @@ def _max_target(ds):
     samples = getattr(reader, 'samples', None)
     if samples:
         return max(int(t) for _, t in samples)
+    class_to_idx = getattr(reader, 'class_to_idx', None)  # streamed readers that know their classes
+    if class_to_idx:
+        return max(int(v) for v in class_to_idx.values())
     targets = getattr(getattr(ds, 'dataset', None), 'targets', None)
     if targets is not None and len(targets):
         return int(max(targets))

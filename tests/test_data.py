@@ -1,4 +1,4 @@
-"""data.py: per-sample augmentation seeding of IndexedDataset, and the hfds/ reader."""
+"""data.py: per-sample augmentation seeding, the hfds/ reader, and streamed datasets (wds/, hfids/)."""
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -68,3 +68,89 @@ def test_hfds_reads_the_same_images_and_labels_as_the_image_folder(tmp_path, mon
             names = {v: k for k, v in ds.dataset.reader.class_to_idx.items()}
             return sorted((names[int(c)], x.numpy().tobytes()) for x, c, _ in ds)
         assert samples(hf) == samples(folder)
+
+
+# -- streamed datasets ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def wds_pair(tmp_path_factory):
+    """A small image folder and the same images written as webdataset shards."""
+    pytest.importorskip('webdataset')
+    from timm_joint.data import write_wds
+    tmp = tmp_path_factory.mktemp('wds')
+    root = prepare_quickstart(tmp / 'qs', patch_size=16, train_per_class=6, val_per_class=2, short_side=96,
+                              images=('astronaut', 'brick', 'coffee'))
+    return root, write_wds(root, tmp / 'qs-wds', shard_size=3)  # 6 shards: 3 per loader worker below
+
+
+def _keys_and_targets(ds):
+    return [(key, int(target)) for _, target, key in ds]
+
+
+def test_wds_epoch_holds_each_image_of_the_folder_once(wds_pair):
+    """Read through timm's wds reader from the tar shards, and through timm's folder reader from the PNG
+    files: every training image once per epoch, named by the same pixel hash, with the same label."""
+    from timm.data import create_dataset
+    from timm_joint.data import create_joint_datasets, sample_key
+    root, shards = wds_pair
+    folder = create_dataset('', root=str(root), split='train')
+    expected = sorted((sample_key(img, int(t)), int(t)) for img, t in folder)
+    ds_cls, ds_den = create_joint_datasets('wds/', str(shards), img_size=16, seed=3, batch_size=2)
+    assert len(ds_cls) == len(folder) == 18
+    got = _keys_and_targets(ds_cls)
+    assert sorted(got) == expected
+    # the order is shuffled, fixed by (seed, epoch), and changes with the epoch
+    ds_cls.set_epoch(0)
+    assert _keys_and_targets(ds_cls) == got
+    ds_cls.set_epoch(1)
+    again = _keys_and_targets(ds_cls)
+    assert again != got and sorted(again) == expected
+    # the denoising view streams the same split in its own order
+    assert sorted(_keys_and_targets(ds_den)) == expected
+
+
+def test_streamed_draws_follow_the_sample_not_the_loader_worker(wds_pair):
+    """Augmentation and noise of a streamed sample depend on (seed, epoch, sample) alone: one loader
+    process against two workers, which split the shards between them and change the order."""
+    from torch.utils.data import DataLoader
+    from timm_joint.data import create_joint_datasets
+    from timm_joint.training import noisy_batch
+    _, shards = wds_pair
+
+    def draws(workers):
+        ds, _ = create_joint_datasets('wds/', str(shards), img_size=16, seed=3, batch_size=3)
+        ds.set_epoch(2)
+        ds.set_loader_cfg(num_workers=workers)
+        out, order = {}, []
+        for x, target, key in DataLoader(ds, batch_size=3, num_workers=workers, generator=ds.generator):
+            y, sigma = noisy_batch(x, key, sigma_max=0.2, seed=3, epoch=2, stream=1)
+            for k, xi, yi in zip(key.tolist(), x, y):
+                out[k] = (xi, yi)
+                order.append(k)
+        return out, order
+
+    one, order_one = draws(0)
+    two, order_two = draws(2)
+    assert order_one != order_two and sorted(order_one) == sorted(order_two)
+    assert one.keys() == two.keys() and len(one) == 18
+    for k in one:
+        assert torch.equal(one[k][0], two[k][0]) and torch.equal(one[k][1], two[k][1])
+    # a different run seed changes the augmentation of the same sample
+    ds, _ = create_joint_datasets('wds/', str(shards), img_size=16, seed=4, batch_size=3)
+    ds.set_epoch(2)
+    other = {key: x for x, _, key in ds}
+    assert any(not torch.equal(other[k], one[k][0]) for k in one)
+
+
+def test_write_wds_refuses_to_overwrite_a_foreign_folder(wds_pair, tmp_path):
+    from timm_joint.data import write_wds
+    root, _ = wds_pair
+    foreign = tmp_path / 'mine'
+    foreign.mkdir()
+    (foreign / 'notes.txt').write_text('keep me')
+    with pytest.raises(ValueError, match='nothing was overwritten'):
+        write_wds(root, foreign)
+    assert (foreign / 'notes.txt').read_text() == 'keep me'
+    with pytest.raises(ValueError, match='is not a folder'):
+        write_wds(root, tmp_path / 'out', splits=('train', 'test'))
+    assert not (tmp_path / 'out').exists()

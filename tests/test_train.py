@@ -131,6 +131,36 @@ def test_hfds_dataset_trains_exactly_as_the_image_folder(data_dir, tmp_path, mon
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.parametrize('dataset, workers', [('wds', 0), ('wds', 2), ('hfids', 0)])
+def test_streamed_dataset_resumes_mid_epoch_as_uninterrupted(dataset, workers, data_dir, tmp_path, monkeypatch):
+    # Streamed datasets have no sampler to skip in: the resumed run re-reads the stream, whose order is
+    # fixed by (seed, epoch), in the main process or in loader workers, and drops the batches it has done.
+    # 80 images: 10 classification batches an epoch, denoising passes of 7 batches; the stop at step 12
+    # falls in the second epoch and the second denoising pass, whose orders the resumed run must rebuild.
+    pytest.importorskip('webdataset' if dataset == 'wds' else 'datasets')
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    if dataset == 'wds':
+        from timm_joint.data import write_wds
+        source = ['--dataset', 'wds/', '--data-dir', write_wds(data_dir, tmp_path / 'shards', shard_size=10)]
+    else:
+        source = ['--dataset', f'hfids/{data_dir}', '--data-dir', tmp_path / 'hf-cache',
+                  '--train-num-samples', '80', '--val-num-samples', '16']
+    common = TINY[:-5] + ['-j', workers, '--no-progress', '--log-interval', '1'] + source + [
+        '-b', '8', '--den-batch-size', '12', '--epochs', '2', '--output', tmp_path]
+    full = run(common + ['--experiment', 'full', '--max-steps', '14'])
+    run(common + ['--experiment', 'part', '--max-steps', '12'])
+    part = run(common + ['--experiment', 'part', '--max-steps', '14'])
+    rows = list(csv.DictReader(open(part / 'summary.csv')))
+    assert 0 <= float(rows[-1]['eval_top1_s0']) <= 100
+    a, b = _weights(full / 'export' / 'last'), _weights(part / 'export' / 'last')
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the stream order is a function of the seed: another seed trains other batches
+    other = run(common + ['--experiment', 'other', '--max-steps', '2', '--seed', '7'])
+    c = _weights(other / 'export' / 'last')
+    assert any(not torch.equal(c[k], v) for k, v in _weights(part / 'export' / 'last').items())
+
+
 def test_incomplete_checkpoint_is_ignored(tmp_path):
     from timm_joint.training import CheckpointManager
     (tmp_path / 'step_00000004').mkdir()            # killed before its state file was written
@@ -176,6 +206,13 @@ def test_missing_and_empty_data_folders(tmp_path):
     (tmp_path / 'empty').mkdir()
     with pytest.raises(ValueError, match='empty'):
         run(TINY + ['--data-dir', tmp_path / 'empty', '--output', tmp_path])
+    with pytest.raises(ValueError, match='needs --data-dir'):
+        run(TINY + ['--dataset', 'wds/', '--output', tmp_path])
+    with pytest.raises(ValueError, match='does not exist'):
+        run(TINY + ['--dataset', 'wds/', '--data-dir', tmp_path / 'nope', '--output', tmp_path])
+    pytest.importorskip('webdataset')
+    with pytest.raises(ValueError, match='_info.json'):  # shards without their index
+        run(TINY + ['--dataset', 'wds/', '--data-dir', tmp_path / 'empty', '--output', tmp_path])
 
 
 def test_mismatched_resume_is_refused_and_nothing_overwritten(data_dir, tmp_path):
@@ -230,6 +267,45 @@ def test_two_processes_equal_one_process_on_the_union(data_dir, tmp_path):
         torch.testing.assert_close(da, db, rtol=1e-3, atol=1e-8, msg=k)
         moved += int(db.abs().max() > 1e-6)
     assert moved > len(a) // 2   # the step changed most tensors: the comparison is not vacuous
+
+
+def test_two_processes_on_a_stream_validate_each_sample_once(data_dir, tmp_path):
+    """torchrun with 2 gloo processes on wds/ shards (fewer validation shards than ranks): training splits
+    the stream by rank, validation reads every sample once over both ranks; the validation numbers equal
+    those of one process evaluating the exported weights (eval noise follows the sample, not the rank)."""
+    pytest.importorskip('webdataset')
+    from timm_joint.data import create_eval_dataset, write_wds
+    from timm_joint.training import DeviceLoader, validate
+    shards = write_wds(data_dir, tmp_path / 'shards', shard_size=20)  # 4 train shards, 1 validation shard
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
+    args = TINY + ['--dataset', 'wds/', '--data-dir', shards, '--epochs', '1', '--max-steps', '3', '-b', '4',
+                   '--den-batch-size', '3', '--val-sigmas', '0', '25', '--output', tmp_path, '--experiment', 'ddp']
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29518',
+           str(ROOT / 'train_joint.py')] + [str(a) for a in args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'terminate called' not in res.stderr
+    row = list(csv.DictReader(open(tmp_path / 'ddp' / 'summary.csv')))[-1]
+
+    import timm
+    from accelerate import Accelerator
+    _reset_accelerate()
+    try:
+        accelerator = Accelerator(cpu=True)
+        model = timm.create_model(f'local-dir:{tmp_path / "ddp" / "export" / "last"}', pretrained=True)
+        ds = create_eval_dataset('wds/', str(shards), img_size=16)
+        loader = DeviceLoader(torch.utils.data.DataLoader(ds, batch_size=5), accelerator.device)
+        ours = validate(model, loader, accelerator, acc_sigmas_255=[0, 25], psnr_sigmas_255=[15, 25, 50],
+                        seed=42, progress=False, streamed=True)
+        # the streamed path (local sums) against the gathered path over the same single-process loader
+        gathered = validate(model, loader, accelerator, acc_sigmas_255=[0, 25], psnr_sigmas_255=[15, 25, 50],
+                            seed=42, progress=False)
+    finally:
+        _reset_accelerate()
+    assert ours.keys() == gathered.keys() == {'top1_s0', 'top1_s25', 'psnr_s15', 'psnr_s25', 'psnr_s50'}
+    for k, v in ours.items():
+        assert v == pytest.approx(gathered[k], rel=1e-5), k
+        assert float(row[f'eval_{k}']) == pytest.approx(v, rel=1e-4, abs=1e-3), k
 
 
 def test_denoising_baselines_train_with_the_same_script(data_dir, tmp_path):

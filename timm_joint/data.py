@@ -2,7 +2,10 @@
 
 Datasets come from timm's ``create_dataset`` (``torch/cifar10``, ``torch/cifar100``, image folders,
 ``hfds/...``), wrapped so that every sample also returns its dataset index: the noise of a sample is
-seeded by (epoch, index), never by rank (``timm_joint.noise.seeded_noise``).
+seeded by (epoch, index), never by rank (``timm_joint.noise.seeded_noise``). Streamed datasets (``wds/``,
+``hfids/``) have no index: timm's readers shuffle and split them by rank and loader worker, and each
+sample is named instead by a hash of its decoded pixels and label (``sample_key``), which is the same
+whichever rank, worker or shard order delivers it.
 
 Transforms give [0, 1] pixels (no mean/std normalisation: GradResNet takes raw pixels and
 ``JointDensityWrapper`` normalises inside):
@@ -17,7 +20,10 @@ come from disjoint regions of each image (left 75% / right 25% of its columns).
 """
 import argparse
 import copy
+import hashlib
+import json
 import os
+import tarfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -29,7 +35,8 @@ from torchvision import transforms as T
 from .noise import sample_seed
 
 __all__ = [
-    'IndexedDataset', 'create_joint_datasets', 'create_eval_dataset', 'cls_transform', 'den_transform',
+    'IndexedDataset', 'IndexedIterableDataset', 'sample_key', 'is_streamed', 'write_wds', 'create_joint_datasets',
+    'create_eval_dataset', 'cls_transform', 'den_transform',
     'eval_transform', 'prepare_quickstart', 'prepare_digits', 'QUICKSTART_IMAGES', 'check_data_dir',
 ]
 
@@ -55,9 +62,7 @@ class IndexedDataset(Dataset):
 
     def __init__(self, dataset: Dataset, seed: Optional[int] = None, stream: int = 0):
         if isinstance(dataset, IterableDataset):
-            raise ValueError(
-                'iterable datasets (wds/, hfids/) are not supported: the noise of each sample is seeded '
-                'by its index, so training and evaluation need a map-style dataset (folder, torch/, hfds/)')
+            raise TypeError('IndexedDataset needs a map-style dataset; wrap a streamed one in IndexedIterableDataset')
         self.dataset = dataset
         self.seed = seed
         self.stream = stream
@@ -78,6 +83,100 @@ class IndexedDataset(Dataset):
             torch.manual_seed(sample_seed(self.seed, self.stream + 4, self.epoch, index))
             img, target = self.dataset[index]
         return img, target, index
+
+
+def is_streamed(dataset: str) -> bool:
+    """Whether a timm dataset name is read as a stream (``wds/``, ``hfids/``) rather than by index."""
+    return dataset.lower().startswith(('wds/', 'hfids/'))
+
+
+def sample_key(img, target) -> int:
+    """A 63-bit name for a decoded sample: a hash of its pixels, size, mode and label.
+
+    Streamed samples have no dataset index; this key stands in for it in the per-sample seeds, so a
+    sample's noise and augmentation do not depend on the rank, the loader worker or the shard order.
+    Two identical images with the same label share their draws.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f'{img.mode},{img.size},{target!r};'.encode())
+    h.update(img.tobytes())
+    return int.from_bytes(h.digest(), 'little') >> 1
+
+
+class IndexedIterableDataset(IterableDataset):
+    """A streamed dataset (timm's ``IterableImageDataset``: ``wds/``, ``hfids/``) whose items are
+    (image, target, key), ``key = sample_key(image, target)`` taken before the transform.
+
+    timm's reader shuffles shards and samples and splits them across ranks (``torch.distributed``, which
+    Accelerate has initialised by then) and loader workers; a loader over this dataset is therefore not
+    given to ``accelerator.prepare``, which would split it a second time (``timm_joint.training.DeviceLoader``).
+    ``set_epoch`` makes the order a function of (seed, epoch) alone: it restarts the reader's pipeline
+    and re-seeds ``generator``, which the DataLoader must be given (it seeds the loader workers, and the
+    webdataset reader seeds its sample shuffle from them), so a resumed run replays the same stream.
+
+    Args:
+        dataset: timm's IterableImageDataset (its own transform is cleared and applied here).
+        transform: Image transform.
+        seed: Run seed; None leaves the transforms on the ambient RNG.
+        stream: Which random stream (``timm_joint.noise.STREAM_*``).
+        split_by_rank: For evaluation: every sample exactly once over all ranks (see below); the ranks may
+            then hold a different number of batches, so their results are summed, not gathered per batch.
+    """
+
+    def __init__(self, dataset: IterableDataset, transform: Optional[Callable] = None,
+                 seed: Optional[int] = None, stream: int = 0, split_by_rank: bool = False):
+        self.dataset = dataset
+        self.dataset.transform = None
+        self.transform = transform
+        self.seed = seed
+        self.stream = stream
+        self.split_by_rank = split_by_rank
+        if split_by_rank:
+            # Read the whole split on every rank and keep every world_size-th sample here: timm's readers split
+            # evaluation streams by shard and pad each rank's share to equal length, which repeats samples
+            # and never ends on a rank that gets no shard. Each rank decodes all samples, transforms its own.
+            reader = dataset.reader
+            reader.dist_rank, reader.dist_num_replicas = 0, 1
+        self.epoch = 0
+        self.generator = torch.Generator()
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+        order_seed = sample_seed(self.seed or 0, self.stream + 8, epoch, 0)
+        self.generator.manual_seed(order_seed)
+        reader = getattr(self.dataset, 'reader', None)
+        if hasattr(reader, 'worker_seed'):
+            # timm's webdataset reader seeds its sample shuffle once, when it builds its pipeline: rebuild it
+            # each epoch from a seed of this epoch's (in loader workers it takes the worker's seed, which
+            # the DataLoader draws from ``generator``).
+            reader.ds = None
+            reader.worker_seed = order_seed
+
+    def set_loader_cfg(self, num_workers: int) -> None:
+        """Tell the reader how many loader workers split the stream (it sizes each worker's share)."""
+        self.dataset.set_loader_cfg(num_workers=num_workers)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        rank, world = 0, 1
+        if self.split_by_rank and torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        for position, (img, target) in enumerate(self.dataset):
+            if position % world != rank:
+                continue
+            key = sample_key(img, target)
+            if self.transform is not None:
+                if self.seed is None:
+                    img = self.transform(img)
+                else:
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(sample_seed(self.seed, self.stream + 4, self.epoch, key))
+                        img = self.transform(img)
+            yield img, target, key
 
 
 class _MinSize:
@@ -125,7 +224,14 @@ def eval_transform(img_size: int, crop_pct: float = 1.0, interpolation: str = 'b
 def check_data_dir(dataset: str, data_dir: Optional[str], download: bool = False) -> None:
     """Refuse a missing or empty data folder before any work starts."""
     name = dataset.lower()
-    if name.startswith(('hfds/', 'hfids/', 'wds/', 'tfds/')):
+    if name.startswith('wds/'):
+        if not data_dir:
+            raise ValueError('a wds/ dataset needs --data-dir: the folder (or URL) holding its .tar shards and '
+                             '_info.json (python -m timm_joint.data wds writes one from an image folder)')
+        if '://' not in data_dir and not os.path.isdir(data_dir):
+            raise ValueError(f'wds/ data folder {data_dir!r} does not exist')
+        return
+    if name.startswith(('hfds/', 'hfids/', 'tfds/')):
         return
     if name.startswith('torch/'):
         if not download and (not data_dir or not os.path.isdir(data_dir)):
@@ -141,21 +247,43 @@ def check_data_dir(dataset: str, data_dir: Optional[str], download: bool = False
         raise ValueError(f'data folder {data_dir!r} is empty: expected class subfolders of images')
 
 
-def _create_dataset(dataset: str, data_dir: Optional[str], split: str, download: bool, **kwargs):
+def _create_dataset(dataset: str, data_dir: Optional[str], split: str, download: bool, *,
+                    is_training: bool = False, batch_size: int = 1, seed: int = 42,
+                    num_samples: Optional[int] = None):
+    """timm's ``create_dataset``, with errors that say what was expected.
+
+    ``is_training``, ``batch_size``, ``seed`` and ``num_samples`` only matter to streamed datasets: their
+    readers shuffle in training, round each worker's share up to whole batches, and need the split's size
+    when the dataset does not record it.
+    """
     from timm.data import create_dataset
     check_data_dir(dataset, data_dir, download)
+    kwargs = {}
+    if is_streamed(dataset):
+        kwargs = dict(is_training=is_training, batch_size=batch_size, seed=seed, num_samples=num_samples)
     try:
-        ds = create_dataset(dataset, root=data_dir, split=split, is_training=False, download=download, **kwargs)
+        if dataset.lower().startswith('wds/') and not _has_package('webdataset'):
+            raise ImportError('No module named webdataset')
+        ds = create_dataset(dataset, root=data_dir, split=split, download=download, **kwargs)
     except ImportError as e:
-        raise ValueError(f'dataset {dataset!r} needs an optional package ({e}): for hfds/ '
+        raise ValueError(f'dataset {dataset!r} needs an optional package ({e}): for hfds/ and hfids/ '
                          f'pip install -e ".[hfds]", for wds/ pip install -e ".[wds]"') from e
-    except (FileNotFoundError, RuntimeError, AssertionError, KeyError) as e:
+    except (FileNotFoundError, RuntimeError, AssertionError, KeyError, ValueError) as e:
+        hint = ''
+        if is_streamed(dataset):
+            hint = (' A streamed split whose size is not recorded needs --train-num-samples / --val-num-samples; '
+                    'a wds/ folder needs _info.json naming each split\'s shards and sizes.')
         raise ValueError(f'could not open dataset {dataset!r} (split {split!r}) at {data_dir!r}: '
-                         f'{type(e).__name__}: {e}. Expected "" (an image folder), torch/<torchvision name>, '
-                         f'hfds/<name>, ...') from e
+                         f'{type(e).__name__}: {str(e).rstrip(".")}. Expected "" (an image folder), torch/<torchvision name>, '
+                         f'hfds/<name>, hfids/<name>, wds/ ...{hint}') from e
     if len(ds) == 0:
         raise ValueError(f'dataset {dataset!r} split {split!r} at {data_dir!r} has no images')
     return ds
+
+
+def _has_package(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
 
 
 def create_joint_datasets(
@@ -169,18 +297,33 @@ def create_joint_datasets(
         hflip: float = 0.5,
         scale: Sequence[float] = (0.08, 1.0),
         seed: Optional[int] = None,
-) -> Tuple[IndexedDataset, IndexedDataset]:
+        batch_size: int = 1,
+        den_batch_size: Optional[int] = None,
+        num_samples: Optional[int] = None,
+) -> Tuple[Union[IndexedDataset, IndexedIterableDataset], Union[IndexedDataset, IndexedIterableDataset]]:
     """The classification and denoising views of one training set, each with its own transform.
 
+    A streamed dataset (``wds/``, ``hfids/``) gets two readers, each streaming the whole split in its own
+    shuffled order; ``batch_size`` / ``den_batch_size`` and ``num_samples`` are passed to them.
+
     Returns:
-        (classification dataset, denoising dataset), items (image [C, H, W] in [0, 1], target, index).
+        (classification dataset, denoising dataset), items (image [C, H, W] in [0, 1], target, index or key).
     """
+    from .noise import STREAM_CLS, STREAM_DEN
+    t_cls = cls_transform(img_size, hflip=hflip, scale=scale)
+    t_den = den_transform(patch_size or img_size, hflip=hflip)
+    if is_streamed(dataset):
+        views = []
+        for transform, bs, stream in ((t_cls, batch_size, STREAM_CLS), (t_den, den_batch_size or batch_size, STREAM_DEN)):
+            ds = _create_dataset(dataset, data_dir, split, download, is_training=True, batch_size=bs,
+                                 seed=42 if seed is None else seed, num_samples=num_samples)
+            views.append(IndexedIterableDataset(ds, transform, seed, stream))
+        return views[0], views[1]
     base = _create_dataset(dataset, data_dir, split, download)
     ds_cls = base
     ds_den = copy.copy(base)  # shares the reader (file list), not the transform
-    ds_cls.transform = cls_transform(img_size, hflip=hflip, scale=scale)
-    ds_den.transform = den_transform(patch_size or img_size, hflip=hflip)
-    from .noise import STREAM_CLS, STREAM_DEN
+    ds_cls.transform = t_cls
+    ds_den.transform = t_den
     return IndexedDataset(ds_cls, seed, STREAM_CLS), IndexedDataset(ds_den, seed, STREAM_DEN)
 
 
@@ -192,16 +335,94 @@ def create_eval_dataset(
         split: str = 'validation',
         download: bool = False,
         crop_pct: float = 1.0,
-) -> IndexedDataset:
-    """An evaluation dataset: items (image [C, H, W] in [0, 1], target, index)."""
+        batch_size: int = 1,
+        num_samples: Optional[int] = None,
+) -> Union[IndexedDataset, IndexedIterableDataset]:
+    """An evaluation dataset: items (image [C, H, W] in [0, 1], target, index or key)."""
+    transform = eval_transform(img_size, crop_pct=crop_pct)
+    if is_streamed(dataset):
+        ds = _create_dataset(dataset, data_dir, split, download, batch_size=batch_size, num_samples=num_samples)
+        return IndexedIterableDataset(ds, transform, split_by_rank=True)
     ds = _create_dataset(dataset, data_dir, split, download)
-    ds.transform = eval_transform(img_size, crop_pct=crop_pct)
+    ds.transform = transform
     return IndexedDataset(ds)
 
 
-def set_denoising_patch(ds_den: IndexedDataset, patch_size: int, hflip: float = 0.5) -> None:
+def set_denoising_patch(ds_den: Union[IndexedDataset, IndexedIterableDataset], patch_size: int,
+                        hflip: float = 0.5) -> None:
     """Change the denoising crop size (progressive patch schedule)."""
-    ds_den.dataset.transform = den_transform(patch_size, hflip=hflip)
+    holder = ds_den if isinstance(ds_den, IndexedIterableDataset) else ds_den.dataset
+    holder.transform = den_transform(patch_size, hflip=hflip)
+
+
+# -- webdataset shards --------------------------------------------------------------------------------
+
+def write_wds(
+        src: Union[str, Path],
+        dst: Union[str, Path],
+        *,
+        splits: Sequence[str] = ('train', 'validation'),
+        shard_size: int = 1000,
+        seed: int = 0,
+) -> Path:
+    """Write an image folder (``src/<split>/<class>/<image>``) as webdataset shards for ``--dataset wds/``.
+
+    Each split becomes ``dst/<split>-NNNNNN.tar`` shards of ``shard_size`` samples in a seeded random
+    order (so a shard mixes classes), each sample ``<key>.<ext>`` (the image file's bytes, unchanged) and
+    ``<key>.cls`` (its label: timm's image-folder class index, so both readers agree), plus
+    ``dst/_info.json`` with each split's shard names and sizes, which timm's reader needs. The folder is
+    written whole under a temporary name and then moved in place; an existing ``dst`` that this function
+    did not write is refused.
+
+    Returns:
+        The ``dst`` folder.
+    """
+    from timm.data.readers.reader_image_folder import find_images_and_targets
+    src, dst = Path(src), Path(dst)
+    if shard_size <= 0:
+        raise ValueError(f'shard_size must be > 0, got {shard_size}')
+    if dst.exists() and any(dst.iterdir()) and not (dst / '_info.json').is_file():
+        raise ValueError(f'{dst} exists and is not a webdataset folder written here: choose another destination '
+                         f'(nothing was overwritten)')
+    tmp = dst.with_name(dst.name + '.tmp')
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    info = {'name': src.name, 'splits': {}}
+    for split in splits:
+        if not (src / split).is_dir():
+            raise ValueError(f'{src / split} is not a folder: expected {src}/<split>/<class>/<image> for splits {list(splits)}')
+        samples, _ = find_images_and_targets(str(src / split))
+        if not samples:
+            raise ValueError(f'{src / split} holds no images')
+        order = np.random.default_rng(seed).permutation(len(samples))
+        names, lengths = [], []
+        for start in range(0, len(order), shard_size):
+            name = f'{split}-{start // shard_size:06d}.tar'
+            part = order[start:start + shard_size]
+            with tarfile.open(tmp / name, 'w') as tar:
+                for i in part:
+                    path, target = samples[i]
+                    key = f'{split}_{int(i):08d}'
+                    ext = Path(path).suffix.lower().lstrip('.')
+                    _tar_add(tar, f'{key}.{ext}', Path(path).read_bytes())
+                    _tar_add(tar, f'{key}.cls', str(int(target)).encode())
+            names.append(name)
+            lengths.append(len(part))
+        info['splits'][split] = {'name': split, 'num_samples': len(samples), 'filenames': names,
+                                 'shard_lengths': lengths}
+    (tmp / '_info.json').write_text(json.dumps(info, indent=1))
+    from .hub import atomic_replace_dir
+    atomic_replace_dir(tmp, dst)
+    return dst
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    import io
+    member = tarfile.TarInfo(name)
+    member.size = len(data)
+    tar.addfile(member, io.BytesIO(data))
 
 
 # -- quickstart data -------------------------------------------------------------------------------
@@ -319,11 +540,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     q.add_argument('--val-per-class', type=int, default=64)
     d = sub.add_parser('digits', help="scikit-learn's handwritten digits at 32x32")
     d.add_argument('--root', default='data/digits')
+    w = sub.add_parser('wds', help='an image folder (<split>/<class>/<image>) as webdataset shards for --dataset wds/')
+    w.add_argument('--src', default='data/quickstart')
+    w.add_argument('--dst', default='data/quickstart-wds')
+    w.add_argument('--splits', nargs='+', default=['train', 'validation'])
+    w.add_argument('--shard-size', type=int, default=1000)
     args = parser.parse_args(argv)
     if args.cmd == 'quickstart':
         path = prepare_quickstart(args.root, train_per_class=args.train_per_class, val_per_class=args.val_per_class)
-    else:
+    elif args.cmd == 'digits':
         path = prepare_digits(args.root)
+    else:
+        path = write_wds(args.src, args.dst, splits=args.splits, shard_size=args.shard_size)
     print(f'wrote {path}')
 
 

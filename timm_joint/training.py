@@ -1,6 +1,7 @@
 """Pieces of ``train_joint.py`` that are worth testing on their own: state, checkpoints, noisy batches,
-validation, the denoising patch schedule.
+validation, the denoising patch schedule, loaders over streamed datasets.
 """
+import itertools
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from .noise import STREAM_EVAL, add_noise, from_255, seeded_noise
 
 __all__ = [
     'TrainState', 'CheckpointManager', 'DenoisingStage', 'parse_den_schedule', 'stage_for_epoch',
-    'noisy_batch', 'validate', 'NonFiniteLossError',
+    'noisy_batch', 'validate', 'NonFiniteLossError', 'DeviceLoader', 'skip_batches', 'cycle_loader',
 ]
 
 STATE_FILE = 'train_state.json'
@@ -184,11 +185,14 @@ def validate(
         do_cls: bool = True,
         do_den: bool = True,
         progress: bool = True,
+        streamed: bool = False,
 ) -> Dict[str, float]:
     """Top-1 at each noise level and blind-denoiser PSNR at each noise level, over the whole loader.
 
     Noise is seeded by sample index (stream STREAM_EVAL), so the numbers do not depend on the number
-    of processes. Per-sample values are gathered with ``gather_for_metrics`` (no padding duplicates).
+    of processes. Per-sample values are gathered with ``gather_for_metrics`` (no padding duplicates);
+    with ``streamed`` (a loader that is not prepared, whose ranks may hold different numbers of batches)
+    each rank sums its own values and the sums and counts are reduced once at the end.
 
     Returns:
         {'top1_s0': %, 'top1_s25': %, ..., 'psnr_s15': dB, ...}
@@ -213,8 +217,17 @@ def validate(
                     d = model.denoise(y) if getattr(model, 'blind', True) else model.denoise(y, sigma=sig)
                 per_sample[f'psnr_s{s:g}'] = psnr(d, x).float()
         for k, v in per_sample.items():
-            sums.setdefault(k, []).append(accelerator.gather_for_metrics(v.float()))
-    return {k: float(torch.cat(v).mean()) for k, v in sums.items()}
+            sums.setdefault(k, []).append(v.float() if streamed else accelerator.gather_for_metrics(v.float()))
+    if not streamed:
+        return {k: float(torch.cat(v).mean()) for k, v in sums.items()}
+    keys = ([f'top1_s{s:g}' for s in acc_sigmas_255] if do_cls else []) + (
+        [f'psnr_s{s:g}' for s in psnr_sigmas_255] if do_den else [])
+    totals = torch.tensor([[float(torch.cat(sums[k]).sum()) if k in sums else 0.,
+                            float(sum(len(t) for t in sums.get(k, [])))] for k in keys],
+                          device=accelerator.device)  # float32: MPS has no float64
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction='sum')
+    return {k: float(t[0] / t[1]) for k, t in zip(keys, totals.cpu()) if t[1] > 0}
 
 
 def finite_or_raise(loss: torch.Tensor, accelerator, step: int) -> None:
@@ -228,6 +241,47 @@ def finite_or_raise(loss: torch.Tensor, accelerator, step: int) -> None:
             f'and exported weights are kept as they were')
 
 
+class DeviceLoader:
+    """A DataLoader over a streamed dataset (``timm_joint.data.IndexedIterableDataset``), batches on ``device``.
+
+    timm's streaming readers already split the data across ranks and loader workers, so this loader is
+    not given to ``accelerator.prepare`` (which would split it again or dispatch it from rank 0); it only
+    moves batches to the device, as a prepared loader would.
+    """
+
+    def __init__(self, loader, device: torch.device):
+        self.loader = loader
+        self.device = device
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        from accelerate.utils import send_to_device
+        non_blocking = self.device.type == 'cuda'
+        for batch in self.loader:
+            yield send_to_device(batch, self.device, non_blocking=non_blocking)
+
+
+def skip_batches(loader, num_batches: int):
+    """The loader's batches after the first ``num_batches`` (for a resume in the middle of an epoch).
+
+    A prepared loader skips in its sampler (Accelerate's ``skip_first_batches``); a stream has no
+    sampler, so its first batches are read and dropped (the order is fixed by seed and epoch).
+    """
+    if isinstance(loader, DeviceLoader):
+        return itertools.islice(iter(loader), num_batches, None)
+    from accelerate import skip_first_batches
+    return skip_first_batches(loader, num_batches)
+
+
 def cycle_loader(loader, state: TrainState, skip: int = 0) -> Iterator:
     """Iterate the denoising loader forever, advancing ``state.den_epoch`` and ``state.den_step``."""
     first = True
@@ -239,8 +293,7 @@ def cycle_loader(loader, state: TrainState, skip: int = 0) -> Iterator:
             ds.set_epoch(state.den_epoch)
         it = loader
         if first and skip:
-            from accelerate import skip_first_batches
-            it = skip_first_batches(loader, skip)
+            it = skip_batches(loader, skip)
         first = False
         for batch in it:
             state.den_step += 1
