@@ -31,6 +31,29 @@ def test_denoise_gradcheck(small_model):
     assert torch.autograd.gradcheck(small_model.denoise, (y,), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize('name', ['energy_head.maps.0.weight', 'energy_head.maps.1.weight', 'stem.0.weight'])
+def test_denoise_weight_gradient_gradcheck(name):
+    # Finite differences in one weight against the gradient the training loss takes through D(y):
+    # the blind denoiser is built from dE/df = A^T A f (not from E itself), so the weights reach D
+    # through autograd's grad_outputs as well as through the backbone.
+    from torch.func import functional_call
+    model = make_small_gradresnet().train()  # a training model builds the graph of grad E
+    y = rand_images(2, 3, 5, 4)
+
+    class Denoise(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, y):
+            return self.m.denoise(y)
+
+    wrapper = Denoise()
+    w0 = dict(model.named_parameters())[name].detach().clone().requires_grad_(True)
+    fn = lambda w: functional_call(wrapper, {f'm.{name}': w}, (y,))
+    assert torch.autograd.gradcheck(fn, (w0,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize('batch_size', [1, 3])
 def test_float64_stays_float64(small_model, batch_size):
     y = rand_images(batch_size, 3, H, W)
