@@ -288,9 +288,9 @@ def main(argv=None):
     from timm_joint.data import create_eval_dataset, create_joint_datasets, is_streamed, set_denoising_patch
     from timm_joint.hub import save_pretrained
     from timm_joint.losses import JointLoss, JointObjective, linear_ramp
-    from timm_joint.noise import STREAM_CLS, STREAM_DEN, from_255
+    from timm_joint.noise import add_noise, from_255
     from timm_joint.training import (
-        CheckpointManager, DeviceLoader, NonFiniteLossError, TrainState, cycle_loader, finite_or_raise, noisy_batch,
+        CheckpointManager, DeviceLoader, NonFiniteLossError, TrainState, cycle_loader, finite_or_raise,
         parse_den_schedule, read_checkpoint_meta, skip_batches, stage_for_epoch, validate)
 
     # -- output folder and resume decision (before any write) --------------------------------------
@@ -347,7 +347,8 @@ def main(argv=None):
         args.dataset, args.data_dir, img_size=img_size, patch_size=den_stages[0].patch_size,
         split=args.train_split, download=args.dataset_download, hflip=args.hflip, scale=args.scale,
         seed=args.seed, batch_size=args.batch_size, den_batch_size=den_stages[0].batch_size,
-        num_samples=args.train_num_samples)
+        num_samples=args.train_num_samples,  # the loader workers draw each sample's training noise too
+        sigma_max_cls=from_255(args.sigma_max_cls), sigma_max_den=from_255(args.sigma_max_den))
     ds_eval = create_eval_dataset(args.dataset, args.data_dir, img_size=img_size, split=args.val_split,
                                   download=args.dataset_download, crop_pct=crop_pct,
                                   batch_size=args.validation_batch_size or args.batch_size,
@@ -473,8 +474,6 @@ def main(argv=None):
 
     eval_metric = args.eval_metric or ('psnr_s25' if args.task == 'denoising' else 'top1_s0')
     summary_file = output_dir / 'summary.csv'
-    den_sigma_max = from_255(args.sigma_max_den)
-    cls_sigma_max = from_255(args.sigma_max_cls)
 
     def export(name, net):
         if is_main:
@@ -526,19 +525,19 @@ def main(argv=None):
             for batch in it:
                 with accelerator.accumulate(objective):
                     y_cls = y_den = target = x_den = sigma_den = None
+                    # Each sample's noise (sigma, eps) was drawn in the loader, seeded by (seed, loader, epoch,
+                    # sample): y = x + sigma * eps, after MixUp for the classification batch.
                     if use_cls:
-                        x, target, idx = batch
+                        x, target, _, sigma_cls, eps_cls = batch
                         if mixup_fn is not None:
                             # Seeded per (rank, update): MixUp draws survive a resume wherever it restarts.
                             np.random.seed(hash((args.seed, accelerator.process_index, epoch,
                                                  state.step_in_epoch)) % 2 ** 32)
                             x, target = mixup_fn(x, target)
-                        y_cls, _ = noisy_batch(x, idx, sigma_max=cls_sigma_max, seed=args.seed, epoch=epoch,
-                                               stream=STREAM_CLS)
+                        y_cls = add_noise(x, sigma_cls, eps_cls)
                     if use_den:
-                        x_den, _, idx_den = next(den_iter) if use_cls else batch
-                        y_den, sigma_den = noisy_batch(x_den, idx_den, sigma_max=den_sigma_max, seed=args.seed,
-                                                       epoch=state.den_epoch, stream=STREAM_DEN)
+                        x_den, _, _, sigma_den, eps_den = next(den_iter) if use_cls else batch
+                        y_den = add_noise(x_den, sigma_den, eps_den)
                     if args.lambda_den_start is not None and use_cls and use_den:
                         loss_fn.lambda_den = linear_ramp(args.lambda_den_start, args.lambda_den,
                                                          state.num_updates, total_updates)

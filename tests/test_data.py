@@ -154,3 +154,31 @@ def test_write_wds_refuses_to_overwrite_a_foreign_folder(wds_pair, tmp_path):
     with pytest.raises(ValueError, match='is not a folder'):
         write_wds(root, tmp_path / 'out', splits=('train', 'test'))
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('streamed', [False, True])
+def test_loader_workers_draw_the_noise_the_seeded_generator_draws(streamed, wds_pair):
+    """Training noise drawn per sample inside two loader workers against ``seeded_noise`` over each
+    batch's indices in this process; the denoising view's noise takes its patch size."""
+    from torch.utils.data import DataLoader
+    from timm_joint.data import create_joint_datasets
+    from timm_joint.noise import seeded_noise
+    root, shards = wds_pair
+    name, path = ('wds/', shards) if streamed else ('', root)
+    views = create_joint_datasets(name, str(path), img_size=16, patch_size=8, seed=5, batch_size=3,
+                                  sigma_max_cls=0.2, sigma_max_den=0.4)
+    for ds, stream, sigma_max, size in zip(views, (STREAM_CLS, STREAM_DEN), (0.2, 0.4), (16, 8)):
+        ds.set_epoch(3)
+        kwargs = dict(shuffle=True)
+        if streamed:
+            ds.set_loader_cfg(num_workers=2)
+            kwargs = dict(generator=ds.generator)
+        seen = 0
+        for x, _, idx, sigma, eps in DataLoader(ds, batch_size=3, num_workers=2, **kwargs):
+            assert eps.shape == x.shape == (3, 3, size, size)
+            s_ref, e_ref = seeded_noise(idx, (3, size, size), sigma_max=sigma_max, seed=5, epoch=3, stream=stream)
+            assert torch.equal(sigma, s_ref) and torch.equal(eps, e_ref)
+            seen += len(idx)
+        assert seen == 18
+    with pytest.raises(ValueError, match='needs a seed'):
+        IndexedDataset(_RandomDraws(), sigma_max=0.1)

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 from torchvision import transforms as T
 
-from .noise import sample_seed
+from .noise import sample_seed, seeded_noise
 
 __all__ = [
     'IndexedDataset', 'IndexedIterableDataset', 'sample_key', 'is_streamed', 'write_wds', 'create_joint_datasets',
@@ -47,25 +47,48 @@ QUICKSTART_IMAGES = (
 )
 
 
+def _with_noise(img: torch.Tensor, target: Any, index: int, sigma_max: Optional[float], seed: Optional[int],
+                stream: int, epoch: int) -> tuple:
+    """(img, target, index), plus the sample's training noise (sigma, eps) when ``sigma_max`` is set:
+    the draws of ``timm_joint.noise.seeded_noise`` for (seed, stream, epoch, index), made here, in the
+    loader worker, rather than in the training loop's process."""
+    if sigma_max is None:
+        return img, target, index
+    sigma, eps = seeded_noise([index], tuple(img.shape), sigma_max=sigma_max, seed=seed, epoch=epoch, stream=stream)
+    return img, target, index, sigma[0], eps[0]
+
+
+def _check_noise_args(sigma_max: Optional[float], seed: Optional[int]) -> None:
+    if sigma_max is not None and (seed is None or not sigma_max > 0):
+        raise ValueError(f'training noise needs a seed and sigma_max > 0, got seed={seed}, sigma_max={sigma_max}')
+
+
 class IndexedDataset(Dataset):
-    """A map-style dataset whose items are (image, target, index).
+    """A map-style dataset whose items are (image, target, index), or with ``sigma_max`` set
+    (image, target, index, sigma, eps): the sample's training noise, y = image + sigma * eps.
 
     With ``seed`` set, the random transforms of sample ``index`` in epoch ``epoch`` draw from the global
     torch RNG re-seeded by (seed, stream, epoch, index) inside a forked RNG: augmentations then depend
     neither on the worker, the rank, the number of processes, nor on where a resumed run restarted.
+    The noise is drawn from its own generator for the same key (``timm_joint.noise.seeded_noise``), in
+    the loader worker: at 224 px its Gaussian draws cost about as much as decoding the image.
 
     Args:
         dataset: A map-style dataset of (image, target).
         seed: Run seed; None leaves the transforms on the ambient RNG.
         stream: Which random stream (``timm_joint.noise.STREAM_*``).
+        sigma_max: Largest training noise level (pixel units, sigma = sigma_max * u^2); None: no noise.
     """
 
-    def __init__(self, dataset: Dataset, seed: Optional[int] = None, stream: int = 0):
+    def __init__(self, dataset: Dataset, seed: Optional[int] = None, stream: int = 0,
+                 sigma_max: Optional[float] = None):
         if isinstance(dataset, IterableDataset):
             raise TypeError('IndexedDataset needs a map-style dataset; wrap a streamed one in IndexedIterableDataset')
+        _check_noise_args(sigma_max, seed)
         self.dataset = dataset
         self.seed = seed
         self.stream = stream
+        self.sigma_max = sigma_max
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -74,15 +97,15 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> Tuple[Any, Any, int]:
+    def __getitem__(self, index: int) -> tuple:
         if self.seed is None:
             img, target = self.dataset[index]
-            return img, target, index
-        with torch.random.fork_rng(devices=[]):
-            # Offset the stream so augmentation draws never coincide with the noise draws of noise.py.
-            torch.manual_seed(sample_seed(self.seed, self.stream + 4, self.epoch, index))
-            img, target = self.dataset[index]
-        return img, target, index
+        else:
+            with torch.random.fork_rng(devices=[]):
+                # Offset the stream so augmentation draws never coincide with the noise draws of noise.py.
+                torch.manual_seed(sample_seed(self.seed, self.stream + 4, self.epoch, index))
+                img, target = self.dataset[index]
+        return _with_noise(img, target, index, self.sigma_max, self.seed, self.stream, self.epoch)
 
 
 def is_streamed(dataset: str) -> bool:
@@ -105,7 +128,8 @@ def sample_key(img, target) -> int:
 
 class IndexedIterableDataset(IterableDataset):
     """A streamed dataset (timm's ``IterableImageDataset``: ``wds/``, ``hfids/``) whose items are
-    (image, target, key), ``key = sample_key(image, target)`` taken before the transform.
+    (image, target, key), ``key = sample_key(image, target)`` taken before the transform, and with
+    ``sigma_max`` set the sample's training noise (sigma, eps) as ``IndexedDataset`` gives it.
 
     timm's reader shuffles shards and samples and splits them across ranks (``torch.distributed``, which
     Accelerate has initialised by then) and loader workers; a loader over this dataset is therefore not
@@ -121,10 +145,14 @@ class IndexedIterableDataset(IterableDataset):
         stream: Which random stream (``timm_joint.noise.STREAM_*``).
         split_by_rank: For evaluation: every sample exactly once over all ranks (see below); the ranks may
             then hold a different number of batches, so their results are summed, not gathered per batch.
+        sigma_max: Largest training noise level (pixel units); None: no noise.
     """
 
     def __init__(self, dataset: IterableDataset, transform: Optional[Callable] = None,
-                 seed: Optional[int] = None, stream: int = 0, split_by_rank: bool = False):
+                 seed: Optional[int] = None, stream: int = 0, split_by_rank: bool = False,
+                 sigma_max: Optional[float] = None):
+        _check_noise_args(sigma_max, seed)
+        self.sigma_max = sigma_max
         self.dataset = dataset
         self.dataset.transform = None
         self.transform = transform
@@ -176,7 +204,7 @@ class IndexedIterableDataset(IterableDataset):
                     with torch.random.fork_rng(devices=[]):
                         torch.manual_seed(sample_seed(self.seed, self.stream + 4, self.epoch, key))
                         img = self.transform(img)
-            yield img, target, key
+            yield _with_noise(img, target, key, self.sigma_max, self.seed, self.stream, self.epoch)
 
 
 class _MinSize:
@@ -300,31 +328,37 @@ def create_joint_datasets(
         batch_size: int = 1,
         den_batch_size: Optional[int] = None,
         num_samples: Optional[int] = None,
+        sigma_max_cls: Optional[float] = None,
+        sigma_max_den: Optional[float] = None,
 ) -> Tuple[Union[IndexedDataset, IndexedIterableDataset], Union[IndexedDataset, IndexedIterableDataset]]:
     """The classification and denoising views of one training set, each with its own transform.
 
     A streamed dataset (``wds/``, ``hfids/``) gets two readers, each streaming the whole split in its own
     shuffled order; ``batch_size`` / ``den_batch_size`` and ``num_samples`` are passed to them.
+    ``sigma_max_cls`` / ``sigma_max_den`` (pixel units) make each view draw its training noise too.
 
     Returns:
-        (classification dataset, denoising dataset), items (image [C, H, W] in [0, 1], target, index or key).
+        (classification dataset, denoising dataset), items (image [C, H, W] in [0, 1], target, index or
+        key), followed by (sigma, eps [C, H, W]) for a view with a sigma_max.
     """
     from .noise import STREAM_CLS, STREAM_DEN
     t_cls = cls_transform(img_size, hflip=hflip, scale=scale)
     t_den = den_transform(patch_size or img_size, hflip=hflip)
     if is_streamed(dataset):
         views = []
-        for transform, bs, stream in ((t_cls, batch_size, STREAM_CLS), (t_den, den_batch_size or batch_size, STREAM_DEN)):
+        for transform, bs, stream, sigma_max in ((t_cls, batch_size, STREAM_CLS, sigma_max_cls),
+                                                 (t_den, den_batch_size or batch_size, STREAM_DEN, sigma_max_den)):
             ds = _create_dataset(dataset, data_dir, split, download, is_training=True, batch_size=bs,
                                  seed=42 if seed is None else seed, num_samples=num_samples)
-            views.append(IndexedIterableDataset(ds, transform, seed, stream))
+            views.append(IndexedIterableDataset(ds, transform, seed, stream, sigma_max=sigma_max))
         return views[0], views[1]
     base = _create_dataset(dataset, data_dir, split, download)
     ds_cls = base
     ds_den = copy.copy(base)  # shares the reader (file list), not the transform
     ds_cls.transform = t_cls
     ds_den.transform = t_den
-    return IndexedDataset(ds_cls, seed, STREAM_CLS), IndexedDataset(ds_den, seed, STREAM_DEN)
+    return (IndexedDataset(ds_cls, seed, STREAM_CLS, sigma_max=sigma_max_cls),
+            IndexedDataset(ds_den, seed, STREAM_DEN, sigma_max=sigma_max_den))
 
 
 def create_eval_dataset(
