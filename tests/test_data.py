@@ -182,3 +182,19 @@ def test_loader_workers_draw_the_noise_the_seeded_generator_draws(streamed, wds_
         assert seen == 18
     with pytest.raises(ValueError, match='needs a seed'):
         IndexedDataset(_RandomDraws(), sigma_max=0.1)
+
+
+def test_wds_command_writes_the_shards_timm_reads(wds_pair, tmp_path):
+    """python -m timm_joint.data wds: shard sizes in _info.json against the folder's image count and
+    against what timm's reader streams from the written shards."""
+    import json
+    from timm.data import create_dataset
+    from timm_joint.data import main
+    root, _ = wds_pair
+    main(['wds', '--src', str(root), '--dst', str(tmp_path / 'out'), '--shard-size', '4'])
+    info = json.loads((tmp_path / 'out' / '_info.json').read_text())
+    train = info['splits']['train']
+    assert train['num_samples'] == sum(train['shard_lengths']) == 18 and train['shard_lengths'][-1] == 2
+    n_folder = sum(1 for p in (root / 'train').rglob('*.png'))
+    streamed = create_dataset('wds/', root=str(tmp_path / 'out'), split='train')
+    assert n_folder == len(list(streamed)) == 18
