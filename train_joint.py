@@ -327,6 +327,14 @@ def main(argv=None):
     )
     set_seed(args.seed)
     is_main = accelerator.is_main_process
+    streamed = is_streamed(args.dataset)
+    # A stream's order depends on how many readers split it (ranks x loader workers): a mid-epoch resume
+    # with another number would skip the wrong batches.
+    stream_readers = accelerator.num_processes * max(1, args.workers) if streamed else None
+    if resume_meta is not None and streamed and resume_meta.get('stream_readers', stream_readers) != stream_readers:
+        raise ValueError(f'--resume {str(resume_path)!r} read the stream with {resume_meta["stream_readers"]} readers '
+                         f'(processes x loader workers), this run with {stream_readers}: resume with the same number '
+                         f'of processes and -j/--workers (nothing was overwritten)')
     show = is_main and not args.no_progress
 
     # -- model, data ---------------------------------------------------------------------------------
@@ -353,7 +361,6 @@ def main(argv=None):
                                   download=args.dataset_download, crop_pct=crop_pct,
                                   batch_size=args.validation_batch_size or args.batch_size,
                                   num_samples=args.val_num_samples)
-    streamed = is_streamed(args.dataset)
     num_classes = getattr(model, 'num_classes', None)
     targets_max = _max_target(ds_cls)
     if args.task != 'denoising' and targets_max is not None and num_classes and targets_max >= num_classes:
@@ -498,6 +505,8 @@ def main(argv=None):
     def save_state():
         meta = dict(model=args.model, task=args.task, epoch=state.epoch, step_in_epoch=state.step_in_epoch,
                     num_updates=state.num_updates, den_epoch=state.den_epoch, den_step=state.den_step)
+        if stream_readers is not None:
+            meta['stream_readers'] = stream_readers
         ckpt.save(accelerator, state.num_updates, meta)
 
     # -- training ------------------------------------------------------------------------------------
@@ -635,7 +644,8 @@ def run_validation(validate, accelerator, objective, model_ema, loader_eval, arg
         loader = list(itertools.islice(loader_eval, args.val_max_batches))
     metrics = validate(net, loader, accelerator, **kwargs)
     if model_ema is not None:
-        metrics.update({f'ema_{k}': v for k, v in validate(model_ema.module, loader, accelerator, **kwargs).items()})
+        metrics.update({f'ema_{k}': v for k, v in validate(model_ema.module, loader, accelerator, **kwargs).items()
+                        if k != 'num_images'})
     net.train()
     return metrics
 

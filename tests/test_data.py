@@ -198,3 +198,30 @@ def test_wds_command_writes_the_shards_timm_reads(wds_pair, tmp_path):
     n_folder = sum(1 for p in (root / 'train').rglob('*.png'))
     streamed = create_dataset('wds/', root=str(tmp_path / 'out'), split='train')
     assert n_folder == len(list(streamed)) == 18
+
+
+def test_write_wds_names_members_as_timm_reads_them(tmp_path):
+    """ImageNet-style .JPEG files keep their bytes as .jpg members; a BMP is re-encoded losslessly as PNG;
+    timm's reader streams every image (a member named .JPEG or .bmp would be skipped with a warning)."""
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_dataset
+    from timm_joint.data import sample_key, write_wds
+    rng = np.random.default_rng(0)
+    for split in ('train', 'validation'):
+        for cls, ext in (('a', 'JPEG'), ('b', 'bmp')):
+            (tmp_path / 'src' / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                    tmp_path / 'src' / split / cls / f'{i}.{ext}')
+    from timm.data.readers.img_extensions import add_img_extensions, del_img_extensions
+    add_img_extensions('.bmp')  # timm's folder reader takes .png/.jpg/.jpeg unless told more
+    try:
+        write_wds(tmp_path / 'src', tmp_path / 'out', shard_size=4)
+        folder = create_dataset('', root=str(tmp_path / 'src'), split='train')
+        expected = sorted(sample_key(img, t) for img, t in folder)
+    finally:
+        del_img_extensions('.bmp')
+    streamed = create_dataset('wds/', root=str(tmp_path / 'out'), split='train')
+    assert sorted(sample_key(img, t) for img, t in streamed) == expected
+    assert len(expected) == 6

@@ -168,6 +168,15 @@ def test_validate_results_rejects_broken(e2e, mutate, match):
         validate_results(d)
 
 
+@pytest.mark.parametrize('flag', ['--dataset', '--ood-dataset'])
+def test_streams_are_refused_with_what_evaluate_takes(flag, assets, tmp_path):
+    argv = ['--model', 'gradresnet_tiny_joint', '--checkpoint', assets['tiny'],
+            *_common(assets, tmp_path / 'o', flag, 'wds/')]
+    with pytest.raises(ValueError, match='is a stream'):
+        run(argv)
+    assert not (tmp_path / 'o').exists()
+
+
 def test_denoising_only_without_labels(assets, tmp_path):
     argv = ['--model', 'gradresnet_tiny_joint', '--checkpoint', assets['tiny'],
             *_common(assets, tmp_path / 'o', '--max-images', '4', '--psnr-sigmas', '25', '--eigen-k', '0')]

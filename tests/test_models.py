@@ -214,6 +214,12 @@ def test_torchscript_and_fx_match_eager(name):
             warnings.simplefilter('ignore', FutureWarning)  # torch.jit.script is deprecated, still used
             scripted = torch.jit.script(model)
         torch.testing.assert_close(scripted(x), ref)
+        # the blind denoiser's dE/df, from a scripted head against autograd through the eager energy
+        maps = [f.detach().requires_grad_(True) for f in model.energy_maps(x)]
+        with torch.enable_grad():
+            expected = torch.autograd.grad(model.energy_head(maps).sum(), maps)
+        for got, want in zip(scripted.energy_head.map_grads(maps), expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
         traced = torch.fx.symbolic_trace(model)
         torch.testing.assert_close(traced(x), ref)
     fx_feats = timm.create_model(name, features_only=True, feature_cls='fx').eval()

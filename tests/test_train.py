@@ -302,10 +302,30 @@ def test_two_processes_on_a_stream_validate_each_sample_once(data_dir, tmp_path)
                             seed=42, progress=False)
     finally:
         _reset_accelerate()
-    assert ours.keys() == gathered.keys() == {'top1_s0', 'top1_s25', 'psnr_s15', 'psnr_s25', 'psnr_s50'}
+    assert ours.keys() == gathered.keys() == {'top1_s0', 'top1_s25', 'psnr_s15', 'psnr_s25', 'psnr_s50', 'num_images'}
+    # each of the 16 validation images once, over the two ranks as in one process
+    assert int(row['eval_num_images']) == ours['num_images'] == gathered['num_images'] == 16
     for k, v in ours.items():
         assert v == pytest.approx(gathered[k], rel=1e-5), k
         assert float(row[f'eval_{k}']) == pytest.approx(v, rel=1e-4, abs=1e-3), k
+
+
+def test_streams_refuse_too_few_shards_and_a_resume_with_other_readers(data_dir, tmp_path):
+    # A wds reader (rank x loader worker) without a shard yields nothing while the epoch counts its share.
+    pytest.importorskip('webdataset')
+    from timm_joint.data import write_wds
+    shards = write_wds(data_dir, tmp_path / 'shards', shard_size=40)  # 2 training shards
+    common = TINY[:-5] + ['--no-progress', '--dataset', 'wds/', '--data-dir', shards, '-b', '8',
+                          '--epochs', '1', '--output', tmp_path]
+    with pytest.raises(ValueError, match='2 shard'):
+        run(common + ['-j', '3', '--experiment', 'few'])
+    assert not (tmp_path / 'few').exists()
+    # the stream's order depends on the number of readers: a resume with another one is refused
+    out = run(common + ['-j', '0', '--experiment', 'r', '--max-steps', '2'])
+    before = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
+    with pytest.raises(ValueError, match='readers'):
+        run(common + ['-j', '2', '--experiment', 'r', '--max-steps', '4'])
+    assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == before
 
 
 def test_denoising_baselines_train_with_the_same_script(data_dir, tmp_path):

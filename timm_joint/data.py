@@ -183,8 +183,24 @@ class IndexedIterableDataset(IterableDataset):
             reader.worker_seed = order_seed
 
     def set_loader_cfg(self, num_workers: int) -> None:
-        """Tell the reader how many loader workers split the stream (it sizes each worker's share)."""
+        """Tell the reader how many loader workers split the stream (it sizes each worker's share).
+
+        Raises:
+            ValueError: a training stream of wds shards has fewer shards than readers (ranks x loader
+                workers): a reader without a shard yields nothing while the epoch length counts its
+                share, so one process runs short epochs and several ones fall out of step.
+        """
         self.dataset.set_loader_cfg(num_workers=num_workers)
+        reader = self.dataset.reader
+        shards = getattr(getattr(reader, 'split_info', None), 'filenames', None)
+        if getattr(reader, 'is_training', False) and shards is not None:
+            ranks = getattr(reader, 'dist_num_replicas', 1)
+            readers = ranks * max(1, num_workers)
+            if len(shards) < readers:
+                raise ValueError(
+                    f'the wds/ training split has {len(shards)} shard(s) but {ranks} process(es) x '
+                    f'{max(1, num_workers)} loader worker(s) read it, and each reader needs a shard of its own: '
+                    f'lower -j/--workers or write smaller shards (python -m timm_joint.data wds --shard-size N)')
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -333,8 +349,8 @@ def create_joint_datasets(
 ) -> Tuple[Union[IndexedDataset, IndexedIterableDataset], Union[IndexedDataset, IndexedIterableDataset]]:
     """The classification and denoising views of one training set, each with its own transform.
 
-    A streamed dataset (``wds/``, ``hfids/``) gets two readers, each streaming the whole split in its own
-    shuffled order; ``batch_size`` / ``den_batch_size`` and ``num_samples`` are passed to them.
+    A streamed dataset (``wds/``, ``hfids/``) gets two readers, each streaming the whole split;
+    ``batch_size`` / ``den_batch_size`` and ``num_samples`` are passed to them.
     ``sigma_max_cls`` / ``sigma_max_den`` (pixel units) make each view draw its training noise too.
 
     Returns:
@@ -402,7 +418,8 @@ def write_wds(
     """Write an image folder (``src/<split>/<class>/<image>``) as webdataset shards for ``--dataset wds/``.
 
     Each split becomes ``dst/<split>-NNNNNN.tar`` shards of ``shard_size`` samples in a seeded random
-    order (so a shard mixes classes), each sample ``<key>.<ext>`` (the image file's bytes, unchanged) and
+    order (so a shard mixes classes), each sample ``<key>.jpg``, ``.png`` or ``.webp`` (the names timm's
+    reader looks for: JPEG, PNG and WebP files keep their bytes, other formats are re-encoded as PNG) and
     ``<key>.cls`` (its label: timm's image-folder class index, so both readers agree), plus
     ``dst/_info.json`` with each split's shard names and sizes, which timm's reader needs. The folder is
     written whole under a temporary name and then moved in place; an existing ``dst`` that this function
@@ -439,8 +456,8 @@ def write_wds(
                 for i in part:
                     path, target = samples[i]
                     key = f'{split}_{int(i):08d}'
-                    ext = Path(path).suffix.lower().lstrip('.')
-                    _tar_add(tar, f'{key}.{ext}', Path(path).read_bytes())
+                    ext, data = _wds_image(Path(path))
+                    _tar_add(tar, f'{key}.{ext}', data)
                     _tar_add(tar, f'{key}.cls', str(int(target)).encode())
             names.append(name)
             lengths.append(len(part))
@@ -450,6 +467,20 @@ def write_wds(
     from .hub import atomic_replace_dir
     atomic_replace_dir(tmp, dst)
     return dst
+
+
+def _wds_image(path: Path) -> Tuple[str, bytes]:
+    """(extension, bytes) of an image as a shard member under a name timm's wds reader reads
+    ('jpg;png;webp'): JPEG, PNG and WebP keep their bytes, anything else is re-encoded as PNG."""
+    from PIL import Image
+    with Image.open(path) as img:
+        fmt = img.format
+        if fmt not in ('JPEG', 'PNG', 'WEBP'):
+            import io
+            buf = io.BytesIO()
+            img.save(buf, format='PNG')
+            return 'png', buf.getvalue()
+    return {'JPEG': 'jpg', 'PNG': 'png', 'WEBP': 'webp'}[fmt], path.read_bytes()
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -437,6 +437,13 @@ def _subset(ds, max_images: Optional[int]):
 # -- the evaluation ----------------------------------------------------------------------------------
 
 def _check_args(args: argparse.Namespace) -> None:
+    from .data import is_streamed
+    for flag, name in (('--dataset', args.dataset), ('--ood-dataset', args.ood_dataset)):
+        if name and is_streamed(name):
+            raise ValueError(
+                f'{flag} {name!r} is a stream: evaluate indexes its images (--max-images spreads them over the '
+                f'split, figures pick images, OOD reads sizes), so it takes an image folder, torch/... or hfds/...; '
+                f'train_joint.py validates wds/ and hfids/ splits')
     check_levels(args.sigmas, '--sigmas')
     check_levels(args.psnr_sigmas, '--psnr-sigmas')
     if any(s == 0 for s in args.psnr_sigmas):

@@ -91,6 +91,7 @@ class EnergyHead(nn.Module):
             energy = e if i == 0 else energy + e
         return energy
 
+    @torch.jit.export
     def map_grads(self, maps: List[torch.Tensor]) -> List[torch.Tensor]:
         """dE/df_s = A_s^T A_s f_s for each map, without computing E: one 1x1 map per feature map where
         autograd through ``forward`` takes two (the map and its transpose) plus the squares.

@@ -195,7 +195,7 @@ def validate(
     each rank sums its own values and the sums and counts are reduced once at the end.
 
     Returns:
-        {'top1_s0': %, 'top1_s25': %, ..., 'psnr_s15': dB, ...}
+        {'top1_s0': %, 'top1_s25': %, ..., 'psnr_s15': dB, ..., 'num_images': images evaluated}
     """
     from tqdm import tqdm
     model.eval()
@@ -219,7 +219,10 @@ def validate(
         for k, v in per_sample.items():
             sums.setdefault(k, []).append(v.float() if streamed else accelerator.gather_for_metrics(v.float()))
     if not streamed:
-        return {k: float(torch.cat(v).mean()) for k, v in sums.items()}
+        out = {k: float(torch.cat(v).mean()) for k, v in sums.items()}
+        if sums:
+            out['num_images'] = len(torch.cat(next(iter(sums.values()))))
+        return out
     keys = ([f'top1_s{s:g}' for s in acc_sigmas_255] if do_cls else []) + (
         [f'psnr_s{s:g}' for s in psnr_sigmas_255] if do_den else [])
     totals = torch.tensor([[float(torch.cat(sums[k]).sum()) if k in sums else 0.,
@@ -227,7 +230,10 @@ def validate(
                           device=accelerator.device)  # float32: MPS has no float64
     if accelerator.num_processes > 1:
         totals = accelerator.reduce(totals, reduction='sum')
-    return {k: float(t[0] / t[1]) for k, t in zip(keys, totals.cpu()) if t[1] > 0}
+    out = {k: float(t[0] / t[1]) for k, t in zip(keys, totals.cpu()) if t[1] > 0}
+    if out:
+        out['num_images'] = int(totals[0, 1])
+    return out
 
 
 def finite_or_raise(loss: torch.Tensor, accelerator, step: int) -> None:
