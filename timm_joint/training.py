@@ -270,9 +270,13 @@ class DeviceLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator:
+        return self.iter_from(0)
+
+    def iter_from(self, skip: int) -> Iterator:
+        """The batches after the first ``skip``, which are read and dropped without reaching the device."""
         from accelerate.utils import send_to_device
         non_blocking = self.device.type == 'cuda'
-        for batch in self.loader:
+        for batch in itertools.islice(self.loader, skip, None):
             yield send_to_device(batch, self.device, non_blocking=non_blocking)
 
 
@@ -283,7 +287,7 @@ def skip_batches(loader, num_batches: int):
     sampler, so its first batches are read and dropped (the order is fixed by seed and epoch).
     """
     if isinstance(loader, DeviceLoader):
-        return itertools.islice(iter(loader), num_batches, None)
+        return loader.iter_from(num_batches)
     from accelerate import skip_first_batches
     return skip_first_batches(loader, num_batches)
 
