@@ -47,6 +47,17 @@ QUICKSTART_IMAGES = (
 )
 
 
+def _augment(fn: Callable[[], Any], seed: Optional[int], stream: int, epoch: int, key: int) -> Any:
+    """Run ``fn`` (a load-and-transform of one sample) on torch's global RNG re-seeded by (seed, stream,
+    epoch, sample key) inside a forked RNG, or on the ambient RNG when ``seed`` is None."""
+    if seed is None:
+        return fn()
+    with torch.random.fork_rng(devices=[]):
+        # Offset the stream so augmentation draws never coincide with the noise draws of noise.py.
+        torch.manual_seed(sample_seed(seed, stream + 4, epoch, key))
+        return fn()
+
+
 def _with_noise(img: torch.Tensor, target: Any, index: int, sigma_max: Optional[float], seed: Optional[int],
                 stream: int, epoch: int) -> tuple:
     """(img, target, index), plus the sample's training noise (sigma, eps) when ``sigma_max`` is set:
@@ -98,13 +109,7 @@ class IndexedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple:
-        if self.seed is None:
-            img, target = self.dataset[index]
-        else:
-            with torch.random.fork_rng(devices=[]):
-                # Offset the stream so augmentation draws never coincide with the noise draws of noise.py.
-                torch.manual_seed(sample_seed(self.seed, self.stream + 4, self.epoch, index))
-                img, target = self.dataset[index]
+        img, target = _augment(lambda: self.dataset[index], self.seed, self.stream, self.epoch, index)
         return _with_noise(img, target, index, self.sigma_max, self.seed, self.stream, self.epoch)
 
 
@@ -214,12 +219,7 @@ class IndexedIterableDataset(IterableDataset):
                 continue
             key = sample_key(img, target)
             if self.transform is not None:
-                if self.seed is None:
-                    img = self.transform(img)
-                else:
-                    with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(sample_seed(self.seed, self.stream + 4, self.epoch, key))
-                        img = self.transform(img)
+                img = _augment(lambda: self.transform(img), self.seed, self.stream, self.epoch, key)
             yield _with_noise(img, target, key, self.sigma_max, self.seed, self.stream, self.epoch)
 
 
@@ -435,11 +435,7 @@ def write_wds(
     if dst.exists() and any(dst.iterdir()) and not (dst / '_info.json').is_file():
         raise ValueError(f'{dst} exists and is not a webdataset folder written here: choose another destination '
                          f'(nothing was overwritten)')
-    tmp = dst.with_name(dst.name + '.tmp')
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = _fresh_tmp_dir(dst)
     info = {'name': src.name, 'splits': {}}
     for split in splits:
         if not (src / split).is_dir():
@@ -467,6 +463,17 @@ def write_wds(
     from .hub import atomic_replace_dir
     atomic_replace_dir(tmp, dst)
     return dst
+
+
+def _fresh_tmp_dir(final: Path) -> Path:
+    """An empty ``<final>.tmp`` folder (a leftover of a killed run is removed) to write into and then
+    move in place with ``timm_joint.hub.atomic_replace_dir``."""
+    import shutil
+    tmp = final.with_name(final.name + '.tmp')
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
 
 
 def _wds_image(path: Path) -> Tuple[str, bytes]:
@@ -533,10 +540,7 @@ def prepare_quickstart(
     if marker.exists() and marker.read_text() == stamp:
         return root
     rng = np.random.default_rng(seed)
-    tmp = root.with_name(root.name + '.tmp')
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
+    tmp = _fresh_tmp_dir(root)
     for name in images:
         img = _as_rgb_uint8(getattr(skimage.data, name)())
         h, w = img.shape[:2]
@@ -575,10 +579,7 @@ def prepare_digits(root: Union[str, Path], *, img_size: int = 32, val_fraction: 
         return root
     digits = load_digits()
     rng = np.random.default_rng(seed)
-    tmp = root.with_name(root.name + '.tmp')
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
+    tmp = _fresh_tmp_dir(root)
     for c in range(10):
         idx = np.flatnonzero(digits.target == c)
         rng.shuffle(idx)
