@@ -72,6 +72,7 @@ PRESETS: Dict[str, List[Tuple[str, List[str]]]] = {
 DATASETS = {
     'quickstart': ('data/quickstart', 'quickstart'),
     'digits': ('data/digits', 'digits'),
+    'textures': ('data/textures', 'textures'),
 }
 
 COLUMNS = ('top1_s0', 'top1_s25', 'psnr_s15', 'psnr_s25', 'psnr_s50')
