@@ -90,6 +90,9 @@ group.add_argument('--lambda-den', type=float, default=200.0, metavar='LAMBDA',
 group.add_argument('--lambda-den-start', type=_optional_float, default=10.0, metavar='LAMBDA',
                    help='joint task: the weight ramps linearly from this value to --lambda-den over the '
                         'schedule\'s updates (--epochs, like the lr); "none" for a constant --lambda-den')
+group.add_argument('--den-reduction', default='mean', choices=('mean', 'sum'),
+                   help='squared error of the denoising term per image: per-pixel mean, or sum over pixels '
+                        '(the same as mean with --lambda-den C*H*W)')
 group.add_argument('--den-weighting', default='none', choices=('none', 'inv_sigma2'),
                    help='denoising loss per image: plain mean, or weighted by 1/sigma^2 (epsilon prediction)')
 group.add_argument('--sigma-max-cls', type=float, default=50., metavar='S',
@@ -259,12 +262,6 @@ def build_model(args):
         raise ValueError(f'model {args.model!r} does not accept these arguments ({e}); check --model-kwargs') from e
     if args.initial_checkpoint:
         _load_initial_checkpoint(model, args.initial_checkpoint)
-    from timm_joint.models.gradresnet import GradResNet
-    if isinstance(model, GradResNet):
-        # Exports name the biases explicitly, so they load whatever GradResNet's defaults become.
-        norms = [m for m in model.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.BatchNorm2d))]
-        model_args.setdefault('bias', model.stem[0].bias is not None)
-        model_args.setdefault('norm_bias', any(m.bias is not None for m in norms))
     if args.task != 'classification' and not hasattr(model, 'denoise'):
         model = JointDensityWrapper(model)
     return model, model_args
@@ -397,7 +394,8 @@ def main(argv=None):
         cls_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
         cls_loss_fn = torch.nn.CrossEntropyLoss()
-    loss_fn = JointLoss(lambda_den=args.lambda_den, cls_loss_fn=cls_loss_fn, weighting=args.den_weighting)
+    loss_fn = JointLoss(lambda_den=args.lambda_den, cls_loss_fn=cls_loss_fn, weighting=args.den_weighting,
+                        reduction=args.den_reduction)
 
     # -- optimizer, schedule, EMA, state --------------------------------------------------------------
     objective = JointObjective(model, args.task)

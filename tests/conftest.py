@@ -21,15 +21,17 @@ def pytest_configure(config):
 
 
 def make_small_gradresnet(dtype: torch.dtype = torch.float64, seed: int = 0, **kwargs) -> GradResNet:
-    """A two-stage GradResNet (8, 16 channels), 5 classes, in eval mode.
+    """A two-stage GradResNet (8, 16 channels; groups of 4 channels), 5 classes, in eval mode.
 
-    ``energy_init_scale=1`` makes grad E comparable to the class gradient, so identities between
-    them are not trivially met by two near-zero terms.
+    ``energy_scale = 1`` (instead of 1/d) makes grad E comparable to the class gradient, so identities
+    between them are not trivially met by two near-zero terms.
     """
     torch.manual_seed(seed)
-    args = dict(layers=(1, 1), channels=(8, 16), num_classes=5, energy_init_scale=1.0)
+    args = dict(layers=(1, 1), channels=(8, 16), num_classes=5, group_size=4)
     args.update(kwargs)
-    return GradResNet(**args).to(dtype).eval()
+    model = GradResNet(**args).to(dtype).eval()
+    model.energy_scale = 1.
+    return model
 
 
 def rand_images(*shape: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:

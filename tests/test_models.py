@@ -3,7 +3,9 @@
 Models are built small (num_classes=3) and run at odd sizes (13x11; 65x63 for the 224 px stem);
 the default-config shape check runs on the meta device, so no full-size forward is paid for.
 """
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from timm.models import FeatureListNet, group_parameters
 
 import timm_joint
 from timm_joint.losses import JointLoss, JointObjective
-from timm_joint.models.gradresnet import GroupNormScale
+from timm_joint.models.gradresnet import GroupNormScale, ScaleGroupNorm
 
 from conftest import make_small_gradresnet, rand_images
 
@@ -57,10 +59,10 @@ def test_forward_backward_at_odd_sizes(name):
         assert out.shape == (batch_size, NUM_CLASSES)
         assert torch.isfinite(out).all()
         out.mean().backward()
-        # The classification forward reaches every parameter except the energy head's, which only
-        # the denoiser uses (timm's own check would flag exactly these).
-        no_grad = {n for n, p in model.named_parameters() if p.grad is None}
-        assert no_grad == {n for n, _ in model.named_parameters() if n.startswith('energy_head.')}
+        # Both heads read the same features: the logits reach every parameter, the side maps included
+        # (timm's own backward test asks exactly this).
+        no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not no_grad
 
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
@@ -90,7 +92,9 @@ def test_default_cfg_agrees_with_model(name):
     assert feat.shape == (2, model.num_features, *cfg['pool_size'])
     assert model.forward_head(feat, pre_logits=True).shape == (2, model.num_features)
     assert model(x).shape == (2, cfg['num_classes'])
-    assert model.feature_info[-1]['num_chs'] == model.num_features
+    # phi: the final stage's channels and half of every other stage's (the side maps).
+    chs = [i['num_chs'] for i in model.feature_info[1:]]
+    assert model.num_features == model.head_hidden_size == chs[-1] + sum(c // 2 for c in chs[:-1])
     assert cfg['input_size'][1] // model.feature_info[-1]['reduction'] == cfg['pool_size'][0]
 
 
@@ -105,10 +109,10 @@ def test_reset_classifier(name):
     assert model(x).shape == feat.shape
     model.reset_classifier(7, 'avg')
     assert model(x).shape == (1, 7) and model.get_classifier().out_features == 7
-    assert model.get_classifier().bias is not None  # a head with a bias, as built
-    bias_free = timm.create_model(name, num_classes=NUM_CLASSES, bias=False)
-    bias_free.reset_classifier(7)
-    assert bias_free.get_classifier().bias is None  # and the bias-free ablation keeps its head bias-free
+    assert model.get_classifier().bias is None  # bias-free, as built
+    biased = timm.create_model(name, num_classes=NUM_CLASSES, bias=True)
+    biased.reset_classifier(7)
+    assert biased.get_classifier().bias is not None  # and the biased ablation keeps its head's bias
 
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
@@ -166,15 +170,18 @@ def test_features_only_and_forward_intermediates(name):
 
 
 def test_prune_intermediate_layers_keeps_a_consistent_model():
-    model = make_small_gradresnet(layers=(1, 1, 1), channels=(8, 16, 32), bias=False)  # so D(0) = 0
+    model = make_small_gradresnet(layers=(1, 1, 1), channels=(8, 16, 32))  # bias-free, so D(0) = 0
     y = rand_images(1, 3, 13, 11)
     with torch.no_grad():
         inter = model.forward_intermediates(y, intermediates_only=True)
     model.prune_intermediate_layers(indices=[1, 2])
-    assert model.num_features == 16 and len(model.stages) == 2
-    assert model(y).shape == inter[2].shape  # head pruned: the last kept map
+    assert len(model.stages) == 2 and len(model.side) == 1
+    assert model.num_features == 16 + 4  # the last kept map and the side map of the stage before it
+    out = model(y)  # head pruned: the last kept map and the broadcast side features
+    assert out.shape == (1, 20, *inter[2].shape[2:])
+    torch.testing.assert_close(out[:, :16], inter[2], rtol=0, atol=0)
     # The energy keeps the side terms of the stages left, and stays a gradient field.
-    assert len(model.energy_head.maps) == 2
+    assert len(model.energy_maps(y)) == 2
     assert torch.equal(model.denoise(torch.zeros_like(y)), torch.zeros_like(y))
 
 
@@ -214,12 +221,6 @@ def test_torchscript_and_fx_match_eager(name):
             warnings.simplefilter('ignore', FutureWarning)  # torch.jit.script is deprecated, still used
             scripted = torch.jit.script(model)
         torch.testing.assert_close(scripted(x), ref)
-        # the blind denoiser's dE/df, from a scripted head against autograd through the eager energy
-        maps = [f.detach().requires_grad_(True) for f in model.energy_maps(x)]
-        with torch.enable_grad():
-            expected = torch.autograd.grad(model.energy_head(maps).sum(), maps)
-        for got, want in zip(scripted.energy_head.map_grads(maps), expected):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
         traced = torch.fx.symbolic_trace(model)
         torch.testing.assert_close(traced(x), ref)
     fx_feats = timm.create_model(name, features_only=True, feature_cls='fx').eval()
@@ -230,22 +231,32 @@ ABLATIONS = {
     'act_layer': ('relu', lambda m: any(isinstance(a, nn.ReLU) for a in m.modules())
                   and not any(isinstance(a, nn.GELU) for a in m.modules())),
     'norm_layer': ('batchnorm', lambda m: any(isinstance(a, nn.BatchNorm2d) for a in m.modules())
-                   and not any(isinstance(a, nn.GroupNorm) for a in m.modules())),
-    'norm_position': ('conv', lambda m: sum(isinstance(a, GroupNormScale) for a in m.modules())
-                      > sum(len(s) for s in m.stages)),
-    'bias': (False, lambda m: not any(n.endswith('.bias') for n, _ in m.named_parameters())),
-    'norm_bias': (False, lambda m: m.stages[0][0].norm.bias is None and m.stem[0].bias is not None),
-    'side_energy': (False, lambda m: len(m.energy_head.maps) == 1),
+                   and not any(isinstance(a, (ScaleGroupNorm, nn.GroupNorm)) for a in m.modules())),
+    'norm_layer=groupnorm': ('groupnorm', lambda m: any(isinstance(a, GroupNormScale) for a in m.modules())
+                             and not any(isinstance(a, ScaleGroupNorm) for a in m.modules())),
+    'norm_position': ('conv', lambda m: isinstance(m.stages[0][0].norm1, ScaleGroupNorm)
+                      and isinstance(m.stem[1], ScaleGroupNorm)),
+    'norm_position=end': ('end', lambda m: not m.stages[0][0].norm_after_act
+                          and isinstance(m.stages[1][0].downsample, nn.Sequential)
+                          and len(m.stages[1][0].downsample) == 1),
+    'group_size': (4, lambda m: m.stages[0][0].norm.num_groups == 4),
+    'bias': (True, lambda m: all(getattr(mod, 'bias', None) is not None for mod in m.modules()
+                                 if isinstance(mod, (nn.Conv2d, nn.Linear, ScaleGroupNorm)))),
+    'norm_bias': (True, lambda m: m.stages[0][0].norm.bias is not None and m.stem[0].bias is None),
+    'side_connections': (False, lambda m: len(m.side) == 0 and m.num_features == 64),
+    'heads': ('separate', lambda m: m.energy_head is not None and len(m.energy_head.maps) == 3
+              and m.num_features == 64),
+    'energy_form': ('pooled', lambda m: m.energy_form == 'pooled'),
 }
 
 
 @pytest.mark.parametrize('flag', sorted(ABLATIONS))
 def test_ablation_flags_build_and_run(flag):
     value, changed = ABLATIONS[flag]
-    model = timm.create_model('gradresnet_tiny_joint', num_classes=NUM_CLASSES, **{flag: value})
+    model = timm.create_model('gradresnet_tiny_joint', num_classes=NUM_CLASSES, **{flag.split('=')[0]: value})
     assert changed(model)
-    if flag not in ('bias', 'norm_bias'):  # the biases stay whatever else changes
-        assert model.stem[0].bias is not None and model.get_classifier().bias is not None
+    default = timm.create_model('gradresnet_tiny_joint', num_classes=NUM_CLASSES)
+    assert not changed(default)  # the check tells the flag's network from the default one
     x = rand_images(3, 3, 13, 11, dtype=torch.float32)
     _, terms = _joint_step(model, x + 0.1, x + 0.1, x, torch.tensor([0, 1, 2]))
     assert torch.isfinite(terms['loss'])
@@ -263,7 +274,7 @@ def test_in_chans_keyword():
 
 # -- the autograd contract (DESIGN §4) ---------------------------------------------------------
 
-def test_denoising_loss_reaches_backbone_and_energy_head_classification_loss_the_classifier():
+def test_denoising_loss_reaches_the_shared_features_classification_loss_every_parameter():
     model = timm.create_model('gradresnet_tiny_joint', num_classes=NUM_CLASSES, dtype=torch.float64)
     x = rand_images(3, 3, 13, 11)
     y = x + 0.1 * torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
@@ -273,16 +284,13 @@ def test_denoising_loss_reaches_backbone_and_energy_head_classification_loss_the
     _joint_step(model, None, y, x, None)  # denoising term only: double backward into the weights
     for n, p in model.named_parameters():
         if n in classifier:
-            assert p.grad is None, n  # the energy does not involve the classifier
+            assert p.grad is None, n  # the energy does not involve W
         else:
             assert p.grad is not None and p.grad.abs().sum() > 0, n
 
     _joint_step(model, y, None, None, torch.tensor([0, 1, 2]))  # classification term only
     for n, p in model.named_parameters():
-        if n.startswith('energy_head.'):
-            assert p.grad is None, n
-        else:
-            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        assert p.grad is not None and p.grad.abs().sum() > 0, n  # the side maps feed the logits too
 
 
 @pytest.mark.parametrize('train', [False, True])
@@ -361,3 +369,48 @@ def test_model_table_counts_params_and_flops():
     # Denoising adds the energy head and an input-gradient backward: between 1.5x and 3x a forward.
     assert 1.5 * row['flops_classify'] < row['flops_denoise'] < 3 * row['flops_classify']
     assert '`gradresnet_tiny_joint`' in markdown_table([row])
+
+
+# -- exports of earlier versions -----------------------------------------------------------------
+
+LEGACY = Path(__file__).parent / 'data' / 'legacy_export'
+
+
+def test_an_export_of_the_earlier_architecture_loads_and_computes_what_it_did():
+    # tests/data/legacy_export was written by the previous version (plain GroupNorm before the GELU,
+    # biases, a separate energy head), with what that version computed on fixed inputs. Loaded through
+    # timm's local-dir, through hub.load_export and through evaluate.load_model, it must rebuild that
+    # network, not the new default, and give the same outputs.
+    from safetensors.torch import load_file
+    from timm_joint.evaluate import load_model
+    from timm_joint.hub import load_export
+    expected = load_file(str(LEGACY.parent / 'legacy_export_outputs.safetensors'))
+    assert 'heads' not in json.loads((LEGACY / 'config.json').read_text())['model_args']
+    by_timm = timm.create_model(f'local-dir:{LEGACY}', pretrained=True).eval()
+    by_eval, _ = load_model(f'local-dir:{LEGACY}')
+    state_dict, _ = load_export(LEGACY)
+    for model in (by_timm, by_eval):
+        assert model.heads == 'separate' and isinstance(model.stages[0][0].norm, GroupNormScale)
+        y = expected['y']
+        torch.testing.assert_close(model(y), expected['logits'], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.energy(y), expected['energy'], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.denoise(y), expected['denoised'], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.denoise(y, sigma=0.1, c=1), expected['denoised_c'], rtol=1e-5, atol=1e-6)
+    assert set(state_dict) == set(by_timm.state_dict())
+
+
+def test_a_new_export_names_its_architecture_and_reloads_exactly(tmp_path):
+    # An export records every architecture argument, so it rebuilds the same network whatever the
+    # defaults become, and is not mistaken for an earlier version's.
+    from timm_joint.hub import save_pretrained
+    model = timm.create_model('gradresnet_tiny_joint', num_classes=NUM_CLASSES, energy_form='pooled',
+                              group_size=4).eval()
+    save_pretrained(model, tmp_path / 'export', model_name='gradresnet_tiny_joint',
+                    model_args=dict(model.arch_args, num_classes=NUM_CLASSES))
+    args = json.loads((tmp_path / 'export' / 'config.json').read_text())['model_args']
+    for key in ('norm_layer', 'group_size', 'norm_position', 'bias', 'heads', 'energy_form', 'side_connections'):
+        assert key in args, key
+    loaded = timm.create_model(f'local-dir:{tmp_path / "export"}', pretrained=True).eval()
+    y = rand_images(2, 3, 13, 11, dtype=torch.float32)
+    torch.testing.assert_close(loaded.denoise(y), model.denoise(y), rtol=0, atol=0)
+    torch.testing.assert_close(loaded(y), model(y), rtol=0, atol=0)

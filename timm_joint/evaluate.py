@@ -197,7 +197,8 @@ def load_model(
             if _base_arch(arch) != _base_arch(model_name):
                 raise ValueError(
                     f'the checkpoint {str(path)!r} holds a {arch!r}, which does not fit --model {model_name!r}')
-            kwargs = dict(config.get('model_args') or {})
+            from .models.gradresnet import upgrade_model_args
+            kwargs = upgrade_model_args(config.get('model_args') or {}, arch)
             n_cls = num_classes or config.get('num_classes')
             if n_cls is not None:
                 kwargs['num_classes'] = n_cls

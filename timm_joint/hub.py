@@ -114,7 +114,8 @@ def save_pretrained(
         model: The model (unwrapped: no DDP, no compile).
         path: Output folder; replaced as a whole once the new one is complete.
         model_name: The timm architecture name the folder rebuilds with.
-        model_args: Constructor arguments beyond the entry point's defaults (e.g. num_classes).
+        model_args: Constructor arguments beyond the entry point's defaults (e.g. num_classes); a
+            GradResNet's architecture arguments (``arch_args``) are always recorded.
         pretrained_cfg: The pretrained config to store (defaults to the model's own).
         extra_config: Further top-level keys for config.json.
 
@@ -133,7 +134,9 @@ def save_pretrained(
         'num_classes': num_classes,
         'num_features': getattr(model, 'num_features', None),
         'pretrained_cfg': _jsonable(cfg),
-        'model_args': _jsonable(model_args or {}),
+        # A model that names its architecture (GradResNet.arch_args) records all of it, so the folder
+        # rebuilds this network whatever the defaults become; explicit model_args take precedence.
+        'model_args': _jsonable({**(getattr(model, 'arch_args', None) or {}), **(model_args or {})}),
     }
     config.update(_jsonable(extra_config or {}))
     tensors = {k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()}
@@ -228,7 +231,8 @@ def _check_rebuilds(config: Dict[str, Any], state_dict: Dict[str, torch.Tensor],
     if not timm.is_model(arch):
         raise ValueError(f"config.json names architecture {arch!r}, which timm does not know "
                          f"(is the package that registers it imported?)")
-    kwargs = dict(config.get('model_args') or {})
+    from .models.gradresnet import upgrade_model_args
+    kwargs = upgrade_model_args(config.get('model_args') or {}, arch)
     kwargs.setdefault('num_classes', config['num_classes'])
     # Structure only: the meta device allocates nothing; keys and shapes are compared below.
     model = timm.create_model(arch, pretrained=False, device='meta', **kwargs)

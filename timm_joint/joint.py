@@ -1,22 +1,28 @@
 """The joint density log p_sigma(y, c) around a classifier: one implementation of the maths.
 
-A network with feature maps f_s(y) and logits l(y) defines (DESIGN §1)
+A network with logits l(y) and energy maps g_s(y) defines (DESIGN §1)
 
-    E(y)                  = 0.5 * sum_s sum_hw ||A_s f_s(y)_hw||^2          (energy, >= 0)
+    E(y)                  = 0.5 * sum_s sum_hw ||g_s(y)_hw||^2   ('positions')      (energy, >= 0)
+                         or 0.5 * sum_s N_s ||mean_hw g_s(y)||^2  ('pooled', N_s positions of map s)
     log p_sigma(y)        = -E(y) / sigma^2 + const                          (unnormalised)
     log p_sigma(y, c)     = -E(y) / sigma^2 + log_softmax(l(y))_c + const
     D(y)                  = y - grad_y E(y)                                  (blind denoiser)
     D(y, c)               = y + sigma^2 grad_y log p_sigma(y, c)             (class-conditional)
     D(y, c) - D(y)        = sigma^2 grad_y log p(c | y)                      (the paper's eq. 9)
 
-``JointDensityMixin`` implements all of it on top of three hooks of the host module:
-``forward_features``, ``forward_head`` and ``energy_maps(y)`` (the list of maps f_s, the last being
-the final feature map that the head pools). ``GradResNet`` inherits it; ``JointDensityWrapper``
-brings it to any timm classifier.
+Both forms grow with the number of positions, so the denoiser's per-pixel gain does not depend on the
+image size. ``JointDensityMixin`` implements all of it on top of hooks of the host module:
+``forward_features``, ``forward_head``, ``energy_maps(y)`` (the maps g_s) and ``joint_features(y)``
+(the map ``forward_head`` pools and the energy maps, from one pass), and an ``energy_form``.
+``GradResNet`` inherits it; ``JointDensityWrapper`` brings it to any timm classifier.
+
+Inputs are checked at the public methods (shape, dtype, finiteness, sigma, class range); the training
+objective calls the unchecked ``_denoise``, since a data-dependent check syncs the device every step.
 """
 import copy
 import numbers
 import warnings
+from contextlib import nullcontext
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -25,17 +31,19 @@ import torch.nn.functional as F
 
 from .noise import SigmaLike, check_sigma
 
-__all__ = ['JointDensityMixin', 'JointDensityWrapper', 'EnergyHead']
+__all__ = ['JointDensityMixin', 'JointDensityWrapper', 'EnergyHead', 'energy_of_maps', 'energy_map_grads']
 
 ClassLike = Union[int, torch.Tensor]
+ENERGY_FORMS = ('positions', 'pooled')
 
 
 class EnergyHead(nn.Module):
-    """The quadratic energy head: bias-free 1x1 maps A_s, one per feature map.
+    """Bias-free 1x1 maps A_s, one per feature map: g_s = A_s f_s, whose squares make the energy.
 
-    E(y) = 0.5 * sum_s sum_{h,w} ||A_s f_s(y)_{hw}||^2, summed over positions (not averaged), so the
-    denoiser's gain does not depend on the image size. The 1x1 maps and the squares run in at least
-    float32, with autocast off (float64 maps stay float64).
+    Used where the classifier's features have no maps of their own for the energy: around a wrapped timm
+    classifier (one map on the final features) and in GradResNet's earlier ``heads='separate'``. The
+    maps run in at least float32, with autocast off (float64 maps stay float64), so the energy of a
+    bf16/fp16 backbone is not rounded.
 
     Args:
         in_channels: Channels of each feature map f_s.
@@ -80,28 +88,11 @@ class EnergyHead(nn.Module):
             with torch.no_grad():
                 m.weight.copy_(w.view(c, c, 1, 1))
 
-    def forward(self, maps: List[torch.Tensor]) -> torch.Tensor:
+    def forward(self, maps: List[torch.Tensor]) -> List[torch.Tensor]:
         """Args: maps: feature maps f_s [B, C_s, H_s, W_s].
 
-        Returns: energy [B], float32 (float64 for float64 maps).
+        Returns: the maps A_s f_s [B, C_s, H_s, W_s], float32 (float64 for float64 maps).
         """
-        energy = torch.zeros(0)
-        for i, z in enumerate(self._apply_maps(maps, gram=False)):
-            e = 0.5 * z.pow(2).flatten(1).sum(1)
-            energy = e if i == 0 else energy + e
-        return energy
-
-    @torch.jit.export
-    def map_grads(self, maps: List[torch.Tensor]) -> List[torch.Tensor]:
-        """dE/df_s = A_s^T A_s f_s for each map, without computing E: one 1x1 map per feature map where
-        autograd through ``forward`` takes two (the map and its transpose) plus the squares.
-
-        Returns: the gradients [B, C_s, H_s, W_s], in each map's dtype (as autograd would give them).
-        """
-        return [g.to(f.dtype) for g, f in zip(self._apply_maps(maps, gram=True), maps)]
-
-    def _apply_maps(self, maps: List[torch.Tensor], gram: bool) -> List[torch.Tensor]:
-        """A_s f_s (or A_s^T A_s f_s with ``gram``) for each map, in at least float32, autocast off."""
         if len(self.maps) == 0:
             raise ValueError('the energy head has no feature maps (was the model pruned?)')
         if len(maps) != len(self.maps):
@@ -110,23 +101,49 @@ class EnergyHead(nn.Module):
         out: List[torch.Tensor] = []
         for i, a in enumerate(self.maps):
             f = maps[i]
-            # At least float32 (float64 stays float64, for gradcheck); under autocast the 1x1 map runs
-            # with autocast off, so the squares of a bf16/fp16 backbone's features are not rounded.
             dtype = torch.promote_types(f.dtype, torch.float32)
             if autocast:
                 with torch.autocast(device_type=f.device.type, enabled=False):
-                    out.append(_map_1x1(f.to(dtype), a.weight.to(dtype), gram))
+                    out.append(F.conv2d(f.to(dtype), a.weight.to(dtype)))
             else:
-                out.append(_map_1x1(f.to(dtype), a.weight.to(dtype), gram))
+                out.append(F.conv2d(f.to(dtype), a.weight.to(dtype)))
         return out
 
 
-def _map_1x1(f: torch.Tensor, weight: torch.Tensor, gram: bool) -> torch.Tensor:
-    """The 1x1 map A f, or A^T A f with ``gram``; weight A is [C, C, 1, 1]."""
-    if gram:
-        a = weight.flatten(1)
-        weight = (a.t() @ a)[:, :, None, None]
-    return F.conv2d(f, weight)
+def energy_of_maps(maps: List[torch.Tensor], form: str = 'positions', scale: float = 1.) -> torch.Tensor:
+    """E = scale * 0.5 * sum_s sum_hw ||g_s,hw||^2 ('positions') or scale * 0.5 * sum_s N_s ||mean_hw g_s||^2
+    ('pooled').
+
+    Args:
+        maps: The energy maps g_s [B, C_s, H_s, W_s] (or [B, C_s, N_s]).
+        form: 'positions' or 'pooled'.
+        scale: A constant factor (GradResNet: 1 / d, the authors' mean over the d features).
+
+    Returns:
+        E [B] in at least float32 (float64 for float64 maps), computed with autocast off.
+    """
+    if form not in ENERGY_FORMS:
+        raise ValueError(f'energy form must be one of {ENERGY_FORMS}, got {form!r}')
+    energy: Optional[torch.Tensor] = None
+    device_type = maps[0].device.type
+    with torch.autocast(device_type=device_type, enabled=False) if _autocast_enabled(device_type) else nullcontext():
+        for g in maps:
+            g = g.flatten(2).to(torch.promote_types(g.dtype, torch.float32))  # [B, C, N]
+            if form == 'positions':
+                e = (0.5 * scale) * g.pow(2).sum((1, 2))
+            else:
+                e = (0.5 * scale * g.shape[-1]) * g.mean(-1).pow(2).sum(1)
+            energy = e if energy is None else energy + e
+    return energy
+
+
+def energy_map_grads(maps: List[torch.Tensor], form: str = 'positions', scale: float = 1.) -> List[torch.Tensor]:
+    """dE/dg_s for each energy map, in closed form (the energy itself is not needed): scale * g_s
+    ('positions'), or scale times its mean over positions, at every position ('pooled'). In each map's
+    dtype."""
+    if form == 'positions':
+        return [g * scale for g in maps] if scale != 1. else list(maps)
+    return [(g.mean((-2, -1), keepdim=True) * scale).expand_as(g) for g in maps]
 
 
 @torch.jit.unused
@@ -158,12 +175,17 @@ def _check_image(y: Any, in_chans: int) -> torch.Tensor:
 
 
 class JointDensityMixin:
-    """Joint-density methods for a timm classifier with an ``energy_head`` (``EnergyHead``).
+    """Joint-density methods for a timm classifier.
 
     The host defines ``forward_features(y)``, ``forward_head(x, pre_logits=False)``,
-    ``energy_maps(y) -> List[Tensor]`` (the last map is ``forward_features(y)``), ``num_classes``,
-    ``in_chans`` and ``energy_head``. Inputs y are noisy images [B, C, H, W] with pixels in [0, 1].
+    ``energy_maps(y) -> List[Tensor]`` (the maps g_s the energy squares), ``joint_features(y)`` (the
+    map ``forward_head`` takes and the energy maps, from one pass), ``energy_form`` ('positions' or
+    'pooled'), ``energy_scale`` (a constant factor of E), ``num_classes`` and ``in_chans``. Inputs y are noisy images [B, C, H, W] with pixels in
+    [0, 1].
     """
+
+    energy_form: str = 'positions'
+    energy_scale: float = 1.
 
     # -- forward passes -------------------------------------------------------------------------
 
@@ -176,13 +198,16 @@ class JointDensityMixin:
         Returns:
             (logits [B, num_classes], energy [B]).
         """
-        maps = self.energy_maps(y)
-        return self.forward_head(maps[-1]), self.energy_head(maps)
+        x, maps = self.joint_features(y)
+        return self.forward_head(x), energy_of_maps(maps, self.energy_form, self.energy_scale)
 
     def energy(self, y: torch.Tensor) -> torch.Tensor:
         """E(y) >= 0, [B]; -E(y) / sigma^2 is the unnormalised log p_sigma(y)."""
         _check_image(y, self.in_chans)
-        return self.energy_head(self.energy_maps(y))
+        return self._energy(y)
+
+    def _energy(self, y: torch.Tensor) -> torch.Tensor:
+        return energy_of_maps(self.energy_maps(y), self.energy_form, self.energy_scale)
 
     def log_prob(self, y: torch.Tensor, *, sigma: SigmaLike, c: Optional[ClassLike] = None) -> torch.Tensor:
         """Unnormalised log p_sigma(y) (c None) or log p_sigma(y, c), [B].
@@ -202,7 +227,7 @@ class JointDensityMixin:
 
     def _log_prob(self, y: torch.Tensor, sigma: torch.Tensor, c: Optional[torch.Tensor]) -> torch.Tensor:
         if c is None:
-            return -self.energy_head(self.energy_maps(y)) / sigma.pow(2)
+            return -self._energy(y) / sigma.pow(2)
         logits, energy = self.forward_joint(y)
         log_p_c = F.log_softmax(logits.to(_real_dtype(logits)), dim=-1).gather(1, c[:, None])[:, 0]
         return -energy / sigma.pow(2) + log_p_c
@@ -243,22 +268,30 @@ class JointDensityMixin:
         _check_image(y, self.in_chans)
         sigma_t = None if sigma is None else check_sigma(sigma, y.shape[0], device=y.device, dtype=_real_dtype(y))
         if c is None:
+            return self._denoise(y)
+        if sigma_t is None:
+            raise ValueError('class-conditional denoising needs the noise level: denoise(y, sigma=..., c=...)')
+        return self._denoise(y, sigma_t, self._check_class(c, y.shape[0], y.device))
+
+    def _denoise(self, y: torch.Tensor, sigma: Optional[torch.Tensor] = None,
+                 c: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``denoise`` without the input checks (sigma [B] and c [B] already checked): the training step."""
+        if c is None:
             with self._input_grad(y) as (y_in, create_graph):
-                # grad_y E by the chain rule from dE/df_s = A_s^T A_s f_s: the energy itself is not needed,
-                # and this costs half of autograd through the head (the benchmark's blind-denoise ratio).
+                # grad_y E by the chain rule from dE/dg_s in closed form: the energy itself is not needed.
                 maps = self.energy_maps(y_in)
-                (g,) = torch.autograd.grad(maps, y_in, grad_outputs=self.energy_head.map_grads(maps),
-                                           create_graph=create_graph)
+                grads = energy_map_grads(maps, self.energy_form, self.energy_scale)
+                if not create_graph:
+                    grads = [g.detach() for g in grads]
+                (g,) = torch.autograd.grad(maps, y_in, grad_outputs=grads, create_graph=create_graph)
                 # Inside the grad-enabled context: when a graph was built, the output carries it,
                 # even under torch.no_grad() (y_in is y itself when y requires grad).
                 return y - g.to(y.dtype)
-        if sigma_t is None:
-            raise ValueError('class-conditional denoising needs the noise level: denoise(y, sigma=..., c=...)')
-        c_t = self._check_class(c, y.shape[0], y.device)
+        assert sigma is not None
         with self._input_grad(y) as (y_in, create_graph):
-            lp = self._log_prob(y_in, sigma_t, c_t)
+            lp = self._log_prob(y_in, sigma, c)
             (g,) = torch.autograd.grad(lp.sum(), y_in, create_graph=create_graph)
-            return y + sigma_t.pow(2).view(-1, 1, 1, 1).to(g) * g.to(y.dtype)
+            return y + sigma.pow(2).view(-1, 1, 1, 1).to(g) * g.to(y.dtype)
 
     def adversarial_gradient(self, y: torch.Tensor, *, c: ClassLike) -> torch.Tensor:
         """grad_y log p(c | y), [B, C, H, W]; equals (D(y, c) - D(y)) / sigma^2 for every sigma."""
@@ -417,11 +450,11 @@ class JointDensityWrapper(JointDensityMixin, nn.Module):
         return self.model.forward_head(x, pre_logits=pre_logits)
 
     def energy_maps(self, y: torch.Tensor) -> List[torch.Tensor]:
-        return [self._as_map(self.forward_features(y))]
+        return self.energy_head([self._as_map(self.forward_features(y))])
 
-    def forward_joint(self, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def joint_features(self, y: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         x = self.forward_features(y)
-        return self.forward_head(x), self.energy_head([self._as_map(x)])
+        return x, self.energy_head([self._as_map(x)])
 
     def _as_map(self, x: torch.Tensor) -> torch.Tensor:
         # The energy head works on [B, C, H, W] maps. Token models give [B, N, C] (all tokens,

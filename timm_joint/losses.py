@@ -1,6 +1,6 @@
 """The joint objective: cross-entropy on noisy images plus denoising score matching.
 
-    loss = CE(l(y_cls), c) + lambda * mean(||D(y_den) - x_den||^2)
+    loss = CE(l(y_cls), c) + lambda * mean(||D(y_den) - x_den||^2)   (lambda = 1: the paper's unweighted sum)
 
 ``JointObjective`` wraps a joint-density model so that *one* module forward computes the logits of
 the classification batch and the blind denoiser's output on the denoising batch. The input gradient
@@ -57,22 +57,30 @@ class JointObjective(nn.Module):
         if y_cls is not None:
             out['logits'] = self.model(y_cls)
         if y_den is not None:
-            # In training mode denoise() builds the graph of grad_y E, so backward reaches the weights.
+            # In training mode the denoiser builds the graph of grad_y E, so backward reaches the weights.
+            # The unchecked _denoise: the public denoise() checks its inputs on the host (a device sync
+            # every step); the loader's tensors need no such check, and a NaN shows in the loss.
             if getattr(self.model, 'blind', True) or sigma_den is None:
-                out['denoised'] = self.model.denoise(y_den)
+                out['denoised'] = self.model._denoise(y_den)
             else:  # sigma = sigma_max * u^2 can round to 0; a non-blind net needs it positive
-                out['denoised'] = self.model.denoise(y_den, sigma=sigma_den.clamp_min(1e-6))
+                out['denoised'] = self.model._denoise(y_den, sigma_den.clamp_min(1e-6))
         return out
 
 
 class JointLoss:
-    """CE(logits, target) + lambda_den * mean((D(y) - x)^2), as a dict of terms.
+    """CE(logits, target) + lambda_den * MSE(D(y), x), as a dict of terms.
+
+    The paper's loss is the unweighted sum (``lambda_den = 1``): "we do not add any relative weighting
+    of the classification and denoising objectives". Its mean-squared error is read two ways here
+    (``reduction``): the per-pixel mean ('mean'), or the per-image sum of squares ('sum', the same as
+    'mean' with lambda_den = C*H*W), averaged over the batch either way.
 
     Args:
         lambda_den: Weight of the denoising term.
         cls_loss_fn: Classification loss (e.g. timm's SoftTargetCrossEntropy with MixUp).
-        weighting: 'none' (plain mean over batch and pixels) or 'inv_sigma2' (each image weighted
-            by 1/sigma^2, the epsilon-prediction form; drives D to the identity when sigma -> 0).
+        weighting: 'none' (plain mean over the batch) or 'inv_sigma2' (each image weighted by
+            1/sigma^2, the epsilon-prediction form; drives D to the identity when sigma -> 0).
+        reduction: 'mean' (per-pixel mean of the squared error) or 'sum' (per-image sum).
     """
 
     def __init__(
@@ -80,14 +88,18 @@ class JointLoss:
             lambda_den: float = 1.0,
             cls_loss_fn: Optional[Callable] = None,
             weighting: str = 'none',
+            reduction: str = 'mean',
     ):
         if weighting not in ('none', 'inv_sigma2'):
             raise ValueError(f"weighting must be 'none' or 'inv_sigma2', got {weighting!r}")
+        if reduction not in ('mean', 'sum'):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if lambda_den < 0:
             raise ValueError(f'lambda_den must be >= 0, got {lambda_den}')
         self.lambda_den = lambda_den
         self.cls_loss_fn = cls_loss_fn if cls_loss_fn is not None else nn.CrossEntropyLoss()
         self.weighting = weighting
+        self.reduction = reduction
 
     def __call__(
             self,
@@ -103,7 +115,8 @@ class JointLoss:
             sigma_den: Noise levels of the denoising batch [B'] (for 'inv_sigma2').
 
         Returns:
-            dict with 'loss' and the terms present: 'loss_cls', 'loss_den'.
+            dict with 'loss' and the terms present: 'loss_cls', 'loss_den' (the per-pixel mean squared
+            error whatever the reduction, so that runs compare; the loss uses the reduction).
         """
         terms = {}
         loss = None
@@ -111,11 +124,13 @@ class JointLoss:
             terms['loss_cls'] = self.cls_loss_fn(out['logits'].float(), target)
             loss = terms['loss_cls']
         if 'denoised' in out:
-            err = (out['denoised'].float() - x_den.float()).pow(2).flatten(1).mean(1)  # [B']
+            sq = (out['denoised'].float() - x_den.float()).pow(2).flatten(1)
+            err = sq.mean(1)  # [B']
             if self.weighting == 'inv_sigma2':
                 err = err / sigma_den.float().pow(2).clamp_min(1e-8)
             terms['loss_den'] = err.mean()
-            den = self.lambda_den * terms['loss_den']
+            per_image = sq.shape[1] if self.reduction == 'sum' else 1
+            den = (self.lambda_den * per_image) * terms['loss_den']
             loss = den if loss is None else loss + den
         if loss is None:
             raise ValueError('JointLoss got no outputs: expected logits and/or denoised')

@@ -81,14 +81,19 @@ class DeepinvDenoiser(nn.Module):
         if sigma is None:
             if not self.blind:
                 raise ValueError(f'{self.arch} is non-blind: denoise(y, sigma=...) needs the noise level')
-            return self.net(y)
-        sigma_t = check_sigma(sigma, y.shape[0], device=y.device, dtype=y.dtype)
+            return self._denoise(y)
+        return self._denoise(y, check_sigma(sigma, y.shape[0], device=y.device, dtype=y.dtype))
+
+    def _denoise(self, y: torch.Tensor, sigma: Optional[torch.Tensor] = None, c: Any = None) -> torch.Tensor:
+        """``denoise`` without the input checks (sigma already a checked tensor [B]): the training step."""
         if self.arch == 'drunet':
+            if sigma is None:
+                raise ValueError('drunet is non-blind: it needs the noise level')
             # DRUNet needs spatial sizes divisible by 8: pad by reflection, then crop.
             h, w = y.shape[-2:]
             ph, pw = (-h) % 8, (-w) % 8
             y_in = torch.nn.functional.pad(y, (0, pw, 0, ph), mode='reflect') if ph or pw else y
-            return self.net(y_in, sigma_t.view(-1, 1, 1, 1))[..., :h, :w]
+            return self.net(y_in, sigma.to(y).view(-1, 1, 1, 1))[..., :h, :w]
         return self.net(y)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:

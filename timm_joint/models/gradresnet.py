@@ -1,16 +1,35 @@
-"""GradResNet: a ResNet whose input gradient is a good denoiser.
+"""GradResNet: a ResNet whose input gradient is a good denoiser (the paper's network, DESIGN §3).
 
-Departures from ResNet (each a constructor argument, so every ablation is one flag):
-    * ``act_layer``: GELU instead of ReLU (the denoiser is a gradient, it needs a smooth network);
-    * ``norm_layer`` / ``norm_position``: one GroupNorm per basic block, after the residual addition
-      ('end'), instead of a BatchNorm after every conv ('conv');
-    * ``bias``: biases in convs, norms and the classifier (the default, measured best here); ``False``
-      gives the bias-free network of Mohan et al., for which D(0) = 0;
-    * ``side_energy``: energy terms on every stage's output, so that in the backward pass every
-      resolution receives its forward features, as a UNet decoder receives skips;
+Departures from ResNet, each a constructor argument so that every ablation is one flag:
+    * ``act_layer``: GELU instead of ReLU (the denoiser is a gradient: it needs a smooth network);
+    * ``norm_layer`` / ``norm_position``: one ``ScaleGroupNorm`` per basic block, at its end, after the
+      residual addition and its GELU (the shortcut's 1x1 conv is followed by the same norm). The norm
+      uses each image's own statistics and keeps the image's overall scale, so that the bias-free
+      network is positively homogeneous (E(a y) = a^2 E(y) with ReLU), the property that lets its
+      denoiser shrink a noisy image and generalise across noise levels;
+    * ``bias``: no bias in any conv, linear or norm layer by default (D(0) = 0, Mohan et al.);
+    * ``side_connections``: each stage's output, through a small bias-free 1x1 map A_s, joins the final
+      features, so that in the backward pass every resolution receives its forward features (the
+      skips of a UNet decoder);
     * ``stem``: '32' (3x3 conv, stride 1) or '224' (7x7 conv, stride 2), never a max-pool.
 
-Inputs are raw [0, 1] pixels (mean 0, std 1 in the configs), so the bias-free ablation stays bias-free.
+Both heads read one feature vector phi(y) (DESIGN §1, the paper's eqs. 10-12): the pooled final map
+concatenated with the pooled side maps A_s f_s. The logits are W phi; the energy is quadratic in the
+same maps and size-consistent (``energy_form``):
+    'positions': E = 0.5 / d * sum_s sum_hw ||g_s(y)_hw||^2, summed over every position of each map;
+    'pooled':    E = 0.5 / d * sum_s N_s ||mean_hw g_s(y)||^2, the paper's pooled form times the number
+                 of positions N_s of each map;
+with g_L = f_L (the final map), g_s = A_s f_s and d the dimension of phi (the authors' energy is half the
+mean of phi's squares). Pooling and a 1x1 map commute, so the classifier's
+phi is the same for both forms.
+
+Inputs are raw [0, 1] pixels (mean 0, std 1 in the configs): a mean subtraction would be a bias.
+
+Earlier versions of this file built another network (a plain GroupNorm that divides the scale away,
+norm before the block's GELU, biases, an energy head apart from the classifier). It stays available,
+flag by flag (``norm_layer='groupnorm'``, ``norm_position='end'``, ``bias=True``,
+``heads='separate'``), and exports written before the architecture was named in config.json load as
+that network (``LEGACY_ARGS``).
 """
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
@@ -25,21 +44,89 @@ from timm.models._features import feature_take_indices
 
 from ..joint import EnergyHead, JointDensityMixin
 
-__all__ = ['GradResNet', 'BasicBlock', 'GroupNormScale', 'HF_HUB_ORG']
+__all__ = ['GradResNet', 'BasicBlock', 'ScaleGroupNorm', 'GroupNormScale', 'HF_HUB_ORG', 'LEGACY_ARGS',
+           'upgrade_model_args']
 
 # The one place that names the Hugging Face Hub organisation the pretrained weights live under.
 HF_HUB_ORG = 'timm-joint'
 
+# The architecture that exports written before config.json named it were built with (the defaults of
+# that version): plain GroupNorm before the block's GELU, biases, an energy head apart from the classifier.
+LEGACY_ARGS = dict(norm_layer='groupnorm', norm_position='end', bias=True, heads='separate')
+
+
+def _num_groups(num_channels: int, group_size: int) -> int:
+    """Groups of about ``group_size`` channels: the largest divisor of C not above C // group_size, at least 1."""
+    if group_size < 1:
+        raise ValueError(f'group_size must be >= 1, got {group_size}')
+    target = max(1, num_channels // group_size)
+    return max(g for g in range(1, target + 1) if num_channels % g == 0)
+
+
+class ScaleGroupNorm(nn.Module):
+    """Per-image group normalisation that keeps the image's overall scale (homogeneous of degree 1).
+
+    For each image and each group of channels: subtract the group's mean, divide by the group's standard
+    deviation, then multiply by the root mean square of that image's group standard deviations. The
+    groups are equalised with one another, but the image's overall scale survives: ``norm(a x) =
+    a norm(x)`` for a > 0 (up to ``eps``), where a plain GroupNorm would give ``norm(x)``. A learned
+    per-channel gain follows; a shift only with ``bias=True`` (a shift breaks homogeneity).
+
+    Args:
+        num_channels: Channels C.
+        group_size: Channels per group (8, as the authors); the group count is the largest divisor of C
+            not above C // group_size, and at least 1.
+        eps: Added to the variances; relative to the features' scale, it decides where homogeneity
+            holds (a * std >> sqrt(eps)).
+        affine: Learn a per-channel gain.
+        bias: Learn a per-channel shift too (not homogeneous; an ablation).
+    """
+
+    def __init__(
+            self,
+            num_channels: int,
+            group_size: int = 8,
+            eps: float = 1e-5,
+            affine: bool = True,
+            bias: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.num_channels = num_channels
+        self.num_groups = _num_groups(num_channels, group_size)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels, **dd)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_channels, **dd)) if affine and bias else None
+
+    def extra_repr(self) -> str:
+        return (f'{self.num_channels}, groups={self.num_groups}, eps={self.eps}, affine={self.weight is not None}, '
+                f'bias={self.bias is not None}')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[0], x.shape[1]
+        xg = x.reshape(b, self.num_groups, -1)
+        var, mean = torch.var_mean(xg, dim=-1, unbiased=False, keepdim=True)  # [B, G, 1]
+        scale2 = var.mean(dim=1, keepdim=True)  # [B, 1, 1]: the mean of the image's group variances
+        out = ((xg - mean) * torch.sqrt((scale2 + self.eps) / (var + self.eps))).reshape(x.shape)
+        if self.weight is not None:
+            out = out * self.weight.reshape(1, c, 1, 1)
+        if self.bias is not None:
+            out = out + self.bias.reshape(1, c, 1, 1)
+        return out
+
 
 class GroupNormScale(nn.GroupNorm):
-    """GroupNorm with a per-channel scale and, unless ``bias=True``, no shift.
+    """A plain GroupNorm (per-group statistics divide the scale away) with a per-channel gain and,
+    unless ``bias=False``, a shift: the norm of GradResNet's earlier versions (``norm_layer='groupnorm'``).
 
     Args:
         num_channels: Channels C.
         num_groups: Groups; reduced to the largest divisor of C not above it.
         eps: Variance epsilon.
         affine: Learn a per-channel scale.
-        bias: Learn a per-channel shift too (GradResNet's default; off in the bias-free ablation).
+        bias: Learn a per-channel shift too.
     """
 
     def __init__(
@@ -63,19 +150,24 @@ class GroupNormScale(nn.GroupNorm):
 
 def _make_norm(norm_layer: Callable, num_channels: int, bias: bool, dd: Dict[str, Any]) -> nn.Module:
     cls = norm_layer.func if isinstance(norm_layer, partial) else norm_layer
-    if isinstance(cls, type) and issubclass(cls, GroupNormScale):
+    if isinstance(cls, type) and issubclass(cls, (GroupNormScale, ScaleGroupNorm)):
         return norm_layer(num_channels, bias=bias, **dd)
     norm = norm_layer(num_channels, **dd)
     if not bias and getattr(norm, 'bias', None) is not None:
-        # BatchNorm and friends: keep the scale, drop the shift (the bias-free ablation axis).
+        # BatchNorm and friends: keep the scale, drop the shift (the bias-free axis).
         norm.bias = None
     return norm
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block: conv3x3 - act - conv3x3 (+ shortcut), with the norm placed by ``norm_position``.
+NORM_POSITIONS = ('block', 'end', 'conv')
 
-    'end': x -> act(norm(conv2(act(conv1(x))) + shortcut(x))), one norm per block (GradResNet).
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with the norm placed by ``norm_position``:
+
+    'block': x -> norm(act(conv2(act(conv1(x))) + shortcut(x))), the shortcut's 1x1 conv followed by the
+        norm; one norm per block, at its very end (the authors' GradResNet, the default).
+    'end': x -> act(norm(conv2(act(conv1(x))) + shortcut(x))), a bare 1x1 conv shortcut (earlier versions).
     'conv': x -> act(norm2(conv2(act(norm1(conv1(x))))) + shortcut(x)), a norm after every conv (ResNet).
     """
 
@@ -85,8 +177,8 @@ class BasicBlock(nn.Module):
             out_chs: int,
             stride: int = 1,
             act_layer: Type[nn.Module] = nn.GELU,
-            norm_layer: Callable = GroupNormScale,
-            norm_position: str = 'end',
+            norm_layer: Callable = ScaleGroupNorm,
+            norm_position: str = 'block',
             bias: bool = False,
             norm_bias: Optional[bool] = None,
             drop_path_rate: float = 0.,
@@ -96,8 +188,8 @@ class BasicBlock(nn.Module):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         norm_bias = bias if norm_bias is None else norm_bias
-        if norm_position not in ('end', 'conv'):
-            raise ValueError(f"norm_position must be 'end' or 'conv', got {norm_position!r}")
+        if norm_position not in NORM_POSITIONS:
+            raise ValueError(f'norm_position must be one of {NORM_POSITIONS}, got {norm_position!r}')
         self.norm_position = norm_position
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=bias, **dd)
         self.norm1 = _make_norm(norm_layer, out_chs, norm_bias, dd) if norm_position == 'conv' else nn.Identity()
@@ -106,41 +198,54 @@ class BasicBlock(nn.Module):
         self.norm2 = _make_norm(norm_layer, out_chs, norm_bias, dd) if norm_position == 'conv' else nn.Identity()
         if stride != 1 or in_chs != out_chs:
             layers = [nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=bias, **dd)]
-            if norm_position == 'conv':
+            if norm_position in ('conv', 'block'):
                 layers.append(_make_norm(norm_layer, out_chs, norm_bias, dd))
             self.downsample = nn.Sequential(*layers)
         else:
             self.downsample = nn.Identity()
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
-        self.norm = _make_norm(norm_layer, out_chs, norm_bias, dd) if norm_position == 'end' else nn.Identity()
         self.act2 = act_layer()
+        self.norm = _make_norm(norm_layer, out_chs, norm_bias, dd) if norm_position in ('end', 'block') else nn.Identity()
+        self.norm_after_act = norm_position == 'block'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self.downsample(x)
         x = self.act1(self.norm1(self.conv1(x)))
         x = self.norm2(self.conv2(x))
         x = self.drop_path(x) + shortcut
-        x = self.norm(x)
-        return self.act2(x)
+        if self.norm_after_act:
+            return self.norm(self.act2(x))
+        return self.act2(self.norm(x))
+
+
+HEADS = ('shared', 'separate')
+ENERGY_FORMS = ('positions', 'pooled')
 
 
 class GradResNet(JointDensityMixin, nn.Module):
-    """GradResNet: a timm classifier with a quadratic energy head, hence a denoiser.
+    """GradResNet: a timm classifier whose input gradient is a denoiser (the paper's network).
 
     Args:
         layers: Basic blocks per stage.
         channels: Widths per stage.
-        num_classes: Classes of the linear head (no bias unless ``bias``); 0 for no head.
+        num_classes: Classes of the linear head W (no bias unless ``bias``); 0 for no head.
         in_chans: Image channels.
         stem: '32' (3x3 stride-1 conv) or '224' (7x7 stride-2 conv); no max-pool either way.
-        act_layer: Activation (GELU; ReLU for the ablation).
-        norm_layer: Norm (GroupNorm; BatchNorm2d for the ablation).
-        norm_position: 'end' (one norm per block, after the addition) or 'conv' (after every conv).
-        bias: Biases in convs, norms and the classifier (False: the bias-free ablation, D(0) = 0).
-        norm_bias: Shifts in the norms (default: as ``bias``), to ablate the norms' shifts apart
-            from the conv and classifier biases.
-        side_energy: Energy terms on every stage's output (side connections), not only the last.
-        energy_init_scale: Initial scale of the energy head's 1x1 maps.
+        act_layer: Activation (GELU; 'relu' for the ablation).
+        norm_layer: 'scalegroupnorm' (per-image, scale-preserving: the default), 'groupnorm' (a plain
+            GroupNorm, earlier versions) or 'batchnorm'; or a norm class.
+        group_size: Channels per group of ``ScaleGroupNorm``.
+        norm_position: 'block' (one norm at the end of each block, after its GELU, and after the
+            shortcut's conv), 'end' (after the addition, before the GELU) or 'conv' (after every conv).
+        bias: Biases in convs, norms, side maps and the classifier (False: bias-free, D(0) = 0).
+        norm_bias: Shifts in the norms (default: as ``bias``).
+        side_connections: Side maps A_s of every stage but the last join the features phi.
+        side_ratio: Width of each side map as a fraction of its stage's width (1/2, as the authors).
+        heads: 'shared' (both heads read phi, the paper's) or 'separate' (earlier versions: the
+            classifier reads the pooled final map, the energy square 1x1 maps of every stage's output).
+        energy_form: 'positions' or 'pooled' (see the module docstring); both are size-consistent.
+        energy_init_scale: Initial scale of the separate energy head's maps (``heads='separate'``).
+        side_energy: Old name of ``side_connections`` (exports of earlier versions use it).
         global_pool: Classifier pooling type.
         drop_rate: Dropout before the classifier.
         drop_path_rate: Stochastic depth, linearly increasing over blocks.
@@ -154,12 +259,17 @@ class GradResNet(JointDensityMixin, nn.Module):
             in_chans: int = 3,
             stem: str = '32',
             act_layer: Union[str, Type[nn.Module]] = 'gelu',
-            norm_layer: Union[str, Callable] = 'groupnorm',
-            norm_position: str = 'end',
-            bias: bool = True,
+            norm_layer: Union[str, Callable] = 'scalegroupnorm',
+            group_size: int = 8,
+            norm_position: str = 'block',
+            bias: bool = False,
             norm_bias: Optional[bool] = None,
-            side_energy: bool = True,
+            side_connections: bool = True,
+            side_ratio: float = 0.5,
+            heads: str = 'shared',
+            energy_form: str = 'positions',
             energy_init_scale: float = 0.1,
+            side_energy: Optional[bool] = None,
             global_pool: str = 'avg',
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
@@ -168,17 +278,39 @@ class GradResNet(JointDensityMixin, nn.Module):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
+        layers, channels = tuple(layers), tuple(channels)
         if len(layers) != len(channels) or not layers:
             raise ValueError(f'layers and channels need one entry per stage, got {layers} and {channels}')
         if str(stem) not in ('32', '224'):
             raise ValueError(f"stem must be '32' or '224', got {stem!r}")
+        if heads not in HEADS:
+            raise ValueError(f'heads must be one of {HEADS}, got {heads!r}')
+        if energy_form not in ENERGY_FORMS:
+            raise ValueError(f'energy_form must be one of {ENERGY_FORMS}, got {energy_form!r}')
+        if heads == 'separate' and energy_form != 'positions':
+            raise ValueError("heads='separate' has only the per-position energy (energy_form='positions')")
+        if not 0 < side_ratio <= 1:
+            raise ValueError(f'side_ratio must be in (0, 1], got {side_ratio}')
+        if side_energy is not None:
+            side_connections = side_energy
+        act_name = act_layer if isinstance(act_layer, str) else getattr(act_layer, '__name__', str(act_layer))
+        norm_name = norm_layer if isinstance(norm_layer, str) else getattr(norm_layer, '__name__', str(norm_layer))
+        # The constructor arguments that define the architecture: an export records them all (nanoGPT's
+        # rule), so a reload rebuilds exactly this network whatever the defaults become.
+        self.arch_args = dict(
+            layers=list(layers), channels=list(channels), stem=str(stem), act_layer=str(act_name).lower(),
+            norm_layer=str(norm_name), group_size=group_size, norm_position=norm_position, bias=bias,
+            norm_bias=bias if norm_bias is None else norm_bias, side_connections=side_connections,
+            side_ratio=side_ratio, heads=heads, energy_form=energy_form)
         act_layer = get_act_layer(act_layer) if isinstance(act_layer, str) else act_layer
-        norm_layer = _resolve_norm(norm_layer)
+        norm_layer = _resolve_norm(norm_layer, group_size)
         norm_bias = bias if norm_bias is None else norm_bias
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.side_energy = side_energy
+        self.heads = heads
+        self.energy_form = energy_form
+        self.side_connections = side_connections
         self.grad_checkpointing = False
 
         # Stem: no max-pool (it is not smooth); the 224 px stem halves the resolution by its stride.
@@ -195,7 +327,9 @@ class GradResNet(JointDensityMixin, nn.Module):
         self.stem = nn.Sequential(*stem_layers)
         self.feature_info = [dict(num_chs=channels[0], reduction=stem_stride, module=f'stem.{len(stem_layers) - 1}')]
 
-        dpr = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        # Pure Python (not torch.linspace): the model must build on the meta device.
+        n_blocks = sum(layers)
+        dpr = [drop_path_rate * i / max(1, n_blocks - 1) for i in range(n_blocks)]
         stages, in_chs, reduction, block_idx = [], channels[0], stem_stride, 0
         for i, (depth, out_chs) in enumerate(zip(layers, channels)):
             stride = 1 if i == 0 else 2
@@ -210,20 +344,36 @@ class GradResNet(JointDensityMixin, nn.Module):
             stages.append(nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.num_features = self.head_hidden_size = channels[-1]
+
+        if heads == 'shared':
+            # Side maps A_s of every stage but the last (1x1, bias-free unless ``bias``).
+            side_chs = [max(1, int(round(c * side_ratio))) for c in channels[:-1]] if side_connections else []
+            self.side = nn.ModuleList([nn.Conv2d(c, s, 1, bias=bias, **dd) for c, s in zip(channels, side_chs)])
+            self.num_features = self.head_hidden_size = channels[-1] + sum(side_chs)
+            self.energy_head = None
+            # The authors' E = 0.5 * mean of the d squared features: 1 / d, fixed at construction.
+            self.energy_scale = 1. / self.num_features
+        else:
+            self.side = nn.ModuleList()
+            self.num_features = self.head_hidden_size = channels[-1]
+            energy_chs = list(channels) if side_connections else [channels[-1]]
+            self.energy_head = EnergyHead(energy_chs, init_scale=energy_init_scale, **dd)
 
         self.global_pool = _make_pool(global_pool)
         self.fc = nn.Linear(self.num_features, num_classes, bias=bias, **dd) if num_classes > 0 else nn.Identity()
         self._fc_bias = bias
-        energy_chs = list(channels) if side_energy else [channels[-1]]
-        self.energy_head = EnergyHead(energy_chs, init_scale=energy_init_scale, **dd)
         self._init_weights()
 
     def _init_weights(self):
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and not m.weight.is_meta:
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-        self.energy_head.reset_parameters()  # the energy maps have an init of their own
+        for m in self.side:
+            if not m.weight.is_meta:
+                # Unit gain: a side map passes its stage's features on at their own scale.
+                nn.init.normal_(m.weight, std=m.weight.shape[1] ** -0.5)
+        if self.energy_head is not None:
+            self.energy_head.reset_parameters()  # the separate energy maps have an init of their own
 
     # -- timm model API ------------------------------------------------------------------------
 
@@ -270,6 +420,9 @@ class GradResNet(JointDensityMixin, nn.Module):
             stop_early: Stop after the last requested feature.
             output_fmt: 'NCHW' only.
             intermediates_only: Return only the intermediates.
+
+        Returns:
+            The intermediates, or (the features ``forward_head`` takes, the intermediates).
         """
         assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
         intermediates = []
@@ -278,16 +431,18 @@ class GradResNet(JointDensityMixin, nn.Module):
         if 0 in take_indices:
             intermediates.append(x)
         stages = self.stages[:max_index] if stop_early else self.stages
+        maps = []
         for i, stage in enumerate(stages):
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint_seq(stage, x)
             else:
                 x = stage(x)
+            maps.append(x)
             if i + 1 in take_indices:
                 intermediates.append(x)
         if intermediates_only:
             return intermediates
-        return x, intermediates
+        return (self._merge(maps) if len(maps) == len(self.stages) else x), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -300,39 +455,76 @@ class GradResNet(JointDensityMixin, nn.Module):
         prune_end = max_index < len(self.stages)
         self.stages = self.stages[:max_index]
         if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-            # Keep the energy a function of what is left: the side terms of the kept stages; without
-            # side terms the final-map term is gone too (energy_head then raises a clear error).
-            n_keep = max_index if self.side_energy else 0
-            self.energy_head.maps = self.energy_head.maps[:n_keep]
-            self.energy_head.in_channels = self.energy_head.in_channels[:n_keep]
+            # Keep both heads functions of what is left: the last kept stage is now the final map, and
+            # the side maps of the stages before it stay.
+            n_side = max(0, max_index - 1) if len(self.side) else 0
+            self.side = self.side[:n_side]
+            last = self.feature_info[max_index]['num_chs']
+            self.num_features = self.head_hidden_size = last + sum(m.out_channels for m in self.side)
+            if self.energy_head is not None:
+                n_keep = max_index if self.side_connections else 0
+                self.energy_head.maps = self.energy_head.maps[:n_keep]
+                self.energy_head.in_channels = self.energy_head.in_channels[:n_keep]
         if prune_head or prune_end:
             self.reset_classifier(0, '')
         return take_indices
 
-    def energy_maps(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """The maps f_s the energy is summed over: each stage's output, or only the last."""
+    def stage_maps(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The output f_s [B, C_s, H_s, W_s] of every stage, for images x [B, C, H, W]."""
         x = self.stem(x)
-        maps = []
+        maps: List[torch.Tensor] = []
         for stage in self.stages:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint_seq(stage, x)
             else:
                 x = stage(x)
             maps.append(x)
-        return maps if self.side_energy else maps[-1:]
+        return maps
+
+    def _merge(self, maps: List[torch.Tensor]) -> torch.Tensor:
+        """The final map with each side map A_s pool(f_s) broadcast over its positions [B, d, H', W'].
+
+        The side channels are constant over positions, so that pooling this map gives phi exactly, for
+        any image size (an average pooling of A_s f_s to the final map's size would not, when the sizes
+        do not divide); the stage maps themselves are what ``forward_intermediates`` returns.
+        """
+        last = maps[-1]
+        if self.heads != 'shared':
+            return last
+        out = [last]
+        for i, side in enumerate(self.side):
+            out.append(side(maps[i].mean((2, 3), keepdim=True)).expand(-1, -1, last.shape[2], last.shape[3]))
+        return torch.cat(out, 1)
+
+    def energy_maps(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The maps g_s the energy squares: the final map and each side map A_s f_s, each at its own
+        resolution (or, with ``heads='separate'``, the separate head's maps of each stage)."""
+        return self._energy_maps(self.stage_maps(x))
+
+    def _energy_maps(self, maps: List[torch.Tensor]) -> List[torch.Tensor]:
+        if self.energy_head is not None:
+            return self.energy_head(maps if self.side_connections else maps[-1:])
+        out = [maps[-1]]
+        for i, side in enumerate(self.side):
+            out.append(side(maps[i]))
+        return out
+
+    def joint_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """One pass for both heads: (the map ``forward_head`` pools [B, d, H', W'], the energy's maps)."""
+        maps = self.stage_maps(x)
+        g = self._energy_maps(maps)
+        if self.energy_head is not None:
+            return maps[-1], g
+        # A 1x1 map and pooling commute: pool(A_s f_s) = A_s pool(f_s), the side features of _merge.
+        h, w = g[0].shape[2], g[0].shape[3]
+        return torch.cat([g[0]] + [t.mean((2, 3), keepdim=True).expand(-1, -1, h, w) for t in g[1:]], 1), g
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final feature map [B, num_features, H', W'] (the un-pooled f(y))."""
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x, flatten=True)
-        else:
-            x = self.stages(x)
-        return x
+        """The features phi before pooling [B, num_features, H', W']: the final map and the side maps."""
+        return self._merge(self.stage_maps(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pooled features phi(y) [B, num_features] if ``pre_logits``, else logits [B, num_classes]."""
+        """Pooled features phi(y) [B, num_features] if ``pre_logits``, else logits W phi [B, num_classes]."""
         x = self.global_pool(x)
         if self.drop_rate:
             x = F.dropout(x, p=float(self.drop_rate), training=self.training)
@@ -351,20 +543,46 @@ def _make_pool(global_pool: str) -> SelectAdaptivePool2d:
     return SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
 
 
-def _resolve_norm(norm_layer: Union[str, Callable]) -> Callable:
+def _resolve_norm(norm_layer: Union[str, Callable], group_size: int) -> Callable:
     if not isinstance(norm_layer, str):
         return norm_layer
     name = norm_layer.lower().replace('_', '')
-    if name in ('groupnorm', 'gn'):
+    if name in ('scalegroupnorm', 'sgn'):
+        return partial(ScaleGroupNorm, group_size=group_size)
+    if name in ('scalegroupnormnoaffine',):
+        return partial(ScaleGroupNorm, group_size=group_size, affine=False)
+    if name in ('groupnorm', 'gn', 'groupnormscale'):
         return GroupNormScale
     if name in ('groupnormnoaffine', 'gnnoaffine'):
         return partial(GroupNormScale, affine=False)
     if name in ('batchnorm', 'batchnorm2d', 'bn'):
         return nn.BatchNorm2d
-    raise ValueError(f"unknown norm_layer {norm_layer!r}: expected 'groupnorm', 'groupnorm_noaffine' or 'batchnorm'")
+    raise ValueError(f"unknown norm_layer {norm_layer!r}: expected 'scalegroupnorm', 'groupnorm', "
+                     f"'groupnorm_noaffine' or 'batchnorm'")
+
+
+def upgrade_model_args(model_args: Dict[str, Any], architecture: str = 'gradresnet') -> Dict[str, Any]:
+    """The constructor arguments recorded in an export's config.json, with the earlier architecture
+    filled in when the export predates the naming of the architecture (no ``heads`` key): such an
+    export was built by a version whose defaults were ``LEGACY_ARGS``, and its weights fit only that
+    network. Arguments of other architectures are returned unchanged.
+
+    Args:
+        model_args: The ``model_args`` of config.json.
+        architecture: Its ``architecture`` (a registered name, with or without a tag).
+    """
+    args = dict(model_args)
+    if architecture.split('.')[0].startswith('gradresnet') and 'heads' not in args:
+        for key, value in LEGACY_ARGS.items():
+            args.setdefault(key, value)
+    return args
 
 
 def _create_gradresnet(variant: str, pretrained: bool = False, **kwargs) -> GradResNet:
+    cfg = kwargs.get('pretrained_cfg')
+    if isinstance(cfg, dict) and cfg.get('source') in ('local-dir', 'hf-hub'):
+        # Model arguments read from an export's config.json: an old one does not name the architecture.
+        kwargs = upgrade_model_args(kwargs, variant)
     # features_only: by default every feature (stem + each stage); timm's default (0..4) assumes 4 stages.
     num_stages = len(kwargs.get('layers', (2, 2, 2, 2)))
     try:
@@ -376,7 +594,6 @@ def _create_gradresnet(variant: str, pretrained: bool = False, **kwargs) -> Grad
     except Exception as e:
         if not pretrained or not _is_download_error(e):
             raise
-        cfg = kwargs.get('pretrained_cfg')
         hub_id = _resolve_hub_id(variant, cfg)
         raise RuntimeError(
             f'could not load pretrained weights for {variant!r} from the Hugging Face Hub repo '
