@@ -1,6 +1,5 @@
-"""train_joint.py: tasks, outputs, resume, distributed equivalence, argument handling."""
+"""timm_joint.train (train_joint.py): tasks, outputs, resume, distributed equivalence, argument handling."""
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,19 +11,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from timm_joint import train as train_joint
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--model', 'gradresnet_tiny_joint', '--model-kwargs', 'channels=[8,16]', 'layers=[1,1]',
         '--num-classes', '4', '--img-size', '16', '-j', '0', '--no-progress', '--log-interval', '1']
 
 
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location('train_joint', ROOT / 'train_joint.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-train_joint = _load_train_module()
 
 
 def _reset_accelerate():
