@@ -59,10 +59,11 @@ from timm_joint.losses import JointLoss, JointObjective, linear_ramp
 from timm_joint.noise import add_noise, from_255
 from timm_joint.resources import packaged_configs, resource_dir
 from timm_joint.training import (
-    CheckpointManager, DenoisingLoader, DeviceLoader, NonFiniteLossError, TrainState, finite_or_raise,
-    parse_den_schedule, read_checkpoint_meta, skip_batches)
+    CheckpointManager, DenoisingLoader, DenoisingStage, DeviceLoader, NonFiniteLossError, TrainState,
+    finite_or_raise, parse_den_schedule, read_checkpoint_meta, skip_batches)
 
 __all__ = ['main', 'cli', 'train_one_epoch', 'validate', 'build_model', 'create_loss_fn', 'check_args',
+           'create_datasets', 'create_loader', 'create_optimizer_and_scheduler', 'create_accelerator',
            'export_model']
 
 _logger = logging.getLogger('timm_joint.train')
@@ -359,6 +360,31 @@ def _load_initial_checkpoint(model: nn.Module, path: str) -> None:
         raise ValueError(f'--initial-checkpoint {path!r} does not fit model: {e}') from e
 
 
+def create_optimizer_and_scheduler(
+        args: argparse.Namespace,
+        model: nn.Module,
+        batches_per_epoch: int,
+) -> Tuple[torch.optim.Optimizer, Any, int, int]:
+    """timm's optimizer and scheduler, stepped per optimizer update.
+
+    Returns:
+        (optimizer, lr_scheduler, num_epochs, total_updates): the schedule's epochs (cooldown included)
+        and its optimizer updates, which the lambda ramp spans as the lr does.
+    """
+    optimizer = create_optimizer_v2(
+        model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+        layer_decay=args.layer_decay,
+        **{k: v for k, v in (('eps', args.opt_eps), ('betas', tuple(args.opt_betas) if args.opt_betas else None))
+           if v is not None})
+    updates_per_epoch = max(1, batches_per_epoch // args.grad_accum_steps)
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
+        warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch)
+    return optimizer, lr_scheduler, num_epochs, num_epochs * updates_per_epoch
+
+
 # -- run setup ----------------------------------------------------------------------------------------
 
 def _resume_point(args: argparse.Namespace, output_dir: Path,
@@ -407,6 +433,36 @@ def create_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerato
         log_with=args.log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / 'logs')),
     )
+
+
+def create_datasets(
+        args: argparse.Namespace,
+        img_size: int,
+        crop_pct: float,
+        den_stage: DenoisingStage,
+        num_classes: Optional[int],
+) -> Tuple[Any, Any, Any]:
+    """The classification and denoising views of the training split (each sample's noise drawn in the
+    loader workers) and the validation split; refuses labels the model has no class for.
+
+    Returns:
+        (ds_cls, ds_den, ds_eval)
+    """
+    ds_cls, ds_den = create_joint_datasets(
+        args.dataset, args.data_dir, img_size=img_size, patch_size=den_stage.patch_size,
+        split=args.train_split, download=args.dataset_download, hflip=args.hflip, scale=args.scale,
+        seed=args.seed, batch_size=args.batch_size, den_batch_size=den_stage.batch_size,
+        num_samples=args.train_num_samples,  # the loader workers draw each sample's training noise too
+        sigma_max_cls=from_255(args.sigma_max_cls), sigma_max_den=from_255(args.sigma_max_den))
+    ds_eval = create_eval_dataset(args.dataset, args.data_dir, img_size=img_size, split=args.val_split,
+                                  download=args.dataset_download, crop_pct=crop_pct,
+                                  batch_size=args.validation_batch_size or args.batch_size,
+                                  num_samples=args.val_num_samples)
+    targets_max = _max_target(ds_cls)
+    if args.task != 'denoising' and targets_max is not None and num_classes and targets_max >= num_classes:
+        raise ValueError(f'the dataset has labels up to {targets_max} but the model has num_classes={num_classes}: '
+                         f'set --num-classes {targets_max + 1}')
+    return ds_cls, ds_den, ds_eval
 
 
 def create_loader(
@@ -498,6 +554,20 @@ def export_model(
                         'sigma_max_cls_255': args.sigma_max_cls, 'sigma_max_den_255': args.sigma_max_den,
                         'lambda_den': args.lambda_den, 'lambda_den_start': args.lambda_den_start,
                         'num_updates': num_updates}})
+
+
+def _export_epoch(export: Callable, folder: Path, model: nn.Module, model_ema: Optional[ModelEmaV3],
+                  state: TrainState, epoch: int, metric: Optional[float]) -> None:
+    """Export ``last`` (and ``ema_last``) after a validation, and ``best`` (``ema_best``) when ``metric`` (the
+    model's ``--eval-metric``; higher is better) beats the best so far."""
+    export(model, folder / 'last', num_updates=state.num_updates)
+    if model_ema is not None:
+        export(model_ema.module, folder / 'ema_last', num_updates=state.num_updates)
+    if metric is not None and (state.best_metric is None or metric > state.best_metric):
+        state.best_metric, state.best_epoch = metric, epoch
+        export(model, folder / 'best', num_updates=state.num_updates)
+        if model_ema is not None:
+            export(model_ema.module, folder / 'ema_best', num_updates=state.num_updates)
 
 
 def _save_state(ckpt: CheckpointManager, accelerator: Accelerator, args: argparse.Namespace, state: TrainState,
@@ -697,21 +767,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
     den_stages = parse_den_schedule(args.den_schedule, args.den_patch_size or img_size,
                                     args.den_batch_size or args.batch_size)
-    ds_cls, ds_den = create_joint_datasets(
-        args.dataset, args.data_dir, img_size=img_size, patch_size=den_stages[0].patch_size,
-        split=args.train_split, download=args.dataset_download, hflip=args.hflip, scale=args.scale,
-        seed=args.seed, batch_size=args.batch_size, den_batch_size=den_stages[0].batch_size,
-        num_samples=args.train_num_samples,  # the loader workers draw each sample's training noise too
-        sigma_max_cls=from_255(args.sigma_max_cls), sigma_max_den=from_255(args.sigma_max_den))
-    ds_eval = create_eval_dataset(args.dataset, args.data_dir, img_size=img_size, split=args.val_split,
-                                  download=args.dataset_download, crop_pct=crop_pct,
-                                  batch_size=args.validation_batch_size or args.batch_size,
-                                  num_samples=args.val_num_samples)
     num_classes = getattr(model, 'num_classes', None)
-    targets_max = _max_target(ds_cls)
-    if args.task != 'denoising' and targets_max is not None and num_classes and targets_max >= num_classes:
-        raise ValueError(f'the dataset has labels up to {targets_max} but the model has num_classes={num_classes}: '
-                         f'set --num-classes {targets_max + 1}')
+    ds_cls, ds_den, ds_eval = create_datasets(args, img_size, crop_pct, den_stages[0], num_classes)
 
     make_loader = functools.partial(create_loader, accelerator=accelerator, workers=args.workers, streamed=streamed)
     loader_cls = make_loader(ds_cls, args.batch_size, shuffle=True, drop_last=True) if use_cls else None
@@ -720,24 +777,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
     # -- optimizer, schedule, EMA, state --------------------------------------------------------------
     objective = JointObjective(model, args.task)
-    optimizer = create_optimizer_v2(
-        model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
-        layer_decay=args.layer_decay,
-        **{k: v for k, v in (('eps', args.opt_eps), ('betas', tuple(args.opt_betas) if args.opt_betas else None))
-           if v is not None})
     if use_cls:
         n_batches = len(loader_cls)
     else:  # batches per process in one pass of the denoising loader (a stream's length is per process already)
         n_batches = math.ceil(len(ds_den) / (den_stages[0].batch_size * (1 if streamed else accelerator.num_processes)))
     if n_batches == 0:
         raise ValueError(f'the training set ({len(ds_cls)} images) is smaller than one batch ({args.batch_size})')
-    updates_per_epoch = max(1, n_batches // args.grad_accum_steps)
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
-        warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, step_on_epochs=False,
-        updates_per_epoch=updates_per_epoch)
-    total_updates = num_epochs * updates_per_epoch  # the lambda ramp spans the schedule, as the lr does
+    optimizer, lr_scheduler, num_epochs, total_updates = create_optimizer_and_scheduler(args, model, n_batches)
 
     # The order of prepare() calls is the order of the loaders in Accelerate's state folders: keep it.
     objective, optimizer = accelerator.prepare(objective, optimizer)
@@ -780,7 +826,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                                                            prepare=True))
     eval_metric = args.eval_metric or ('psnr_s25' if args.task == 'denoising' else 'top1_s0')
     summary_file = output_dir / 'summary.csv'
-    export = functools.partial(export_model, args=args, model_args=model_args, img_size=img_size, crop_pct=crop_pct)
+    export = functools.partial(export_model, args=args, model_args=model_args, img_size=img_size,
+                               crop_pct=crop_pct)
     save_state = functools.partial(_save_state, ckpt, accelerator, args, state, stream_readers)
 
     # -- training ------------------------------------------------------------------------------------
@@ -821,15 +868,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                         accelerator.log({**{f'train/{k}': v for k, v in train_metrics.items()},
                                          **{f'eval/{k}': v for k, v in eval_metrics.items()}},
                                         step=state.num_updates)
-                    export(model, output_dir / 'export' / 'last', num_updates=state.num_updates)
-                    if model_ema is not None:
-                        export(model_ema.module, output_dir / 'export' / 'ema_last', num_updates=state.num_updates)
-                    metric = eval_metrics.get(eval_metric)
-                    if metric is not None and (state.best_metric is None or metric > state.best_metric):
-                        state.best_metric, state.best_epoch = metric, epoch
-                        export(model, output_dir / 'export' / 'best', num_updates=state.num_updates)
-                        if model_ema is not None:
-                            export(model_ema.module, output_dir / 'export' / 'ema_best', num_updates=state.num_updates)
+                    _export_epoch(export, output_dir / 'export', model, model_ema, state, epoch,
+                                  eval_metrics.get(eval_metric))
             save_state()
         if is_main:
             if state.best_metric is not None:
