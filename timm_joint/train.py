@@ -57,7 +57,7 @@ from timm_joint.hub import save_pretrained
 from timm_joint.joint import JointDensityWrapper
 from timm_joint.losses import JointLoss, JointObjective, linear_ramp
 from timm_joint.noise import add_noise, from_255
-from timm_joint.resources import packaged_configs, resource_dir
+from timm_joint.resources import find_config, packaged_configs
 from timm_joint.training import (
     CheckpointManager, DenoisingLoader, DenoisingStage, DeviceLoader, NonFiniteLossError, TrainState,
     finite_or_raise, parse_den_schedule, read_checkpoint_meta, skip_batches)
@@ -205,22 +205,6 @@ group.add_argument('--log-with', default=None, choices=(None, 'tensorboard'), he
 group.add_argument('--no-progress', action='store_true', default=False, help='no progress bars')
 
 
-def _find_config(path: str) -> Optional[Path]:
-    """The config file ``path``, or the packaged recipe of that name (``configs/NAME.yaml`` or ``NAME.yaml``).
-
-    A file that exists always wins; the packaged recipes let a wheel install run the README's commands
-    (``-c configs/quickstart.yaml``) from any folder.
-    """
-    if os.path.isfile(path):
-        return Path(path)
-    p = Path(path)
-    if not p.is_absolute() and p.parent in (Path('.'), Path('configs')):
-        packaged = resource_dir('configs') / p.name
-        if packaged.is_file():
-            return packaged
-    return None
-
-
 def _parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, str]:
     """Two-stage parse: YAML config values become defaults, the command line overrides them."""
     args_config, remaining = config_parser.parse_known_args(argv)
@@ -228,7 +212,7 @@ def _parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespac
     parser_ = copy.deepcopy(parser)
     parser_.prog = _program_name()
     if args_config.config:
-        config_file = _find_config(args_config.config)
+        config_file = find_config(args_config.config)
         if config_file is None:
             parser_.error(f'config file {args_config.config!r} not found (packaged recipes: '
                           f'{", ".join("configs/" + n for n in packaged_configs()) or "none"})')
