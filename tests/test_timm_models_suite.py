@@ -12,6 +12,7 @@ every (timm test, model) pair becomes one test here, which fails with timm's ass
 """
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -102,8 +103,9 @@ def _fetch_timm_tests(cache_dir: Path) -> Path:
         if 'from versions: none' in out or re.search(r'NewConnectionError|Max retries exceeded|'
                                                      r'Temporary failure in name resolution|'
                                                      r'Network is unreachable|ProxyError', out):
-            pytest.skip(f'package index unreachable, cannot fetch timm {TIMM_VERSION} source distribution: '
-                        f'{out.splitlines()[-1] if out else "pip gave no reason"}')
+            said = next((line for line in out.splitlines() if line.startswith('ERROR')), out[-300:])
+            pytest.skip(f'package index unreachable: cannot fetch the timm {TIMM_VERSION} source distribution '
+                        f'(its tests/test_models.py); pip: {said}')
         pytest.fail(f'pip download of timm=={TIMM_VERSION} (source) failed:\n{out[-3000:]}')
     archives = sorted(download.glob(f'timm-{TIMM_VERSION}.tar.gz'))
     if not archives:
@@ -111,6 +113,8 @@ def _fetch_timm_tests(cache_dir: Path) -> Path:
                     f'{sorted(p.name for p in download.iterdir())}')
     prefix = f'timm-{TIMM_VERSION}/'
     partial = cache_dir / f'timm-{TIMM_VERSION}.partial'
+    for stale in (partial, target):  # left by an interrupted run
+        shutil.rmtree(stale, ignore_errors=True)
     with tarfile.open(archives[0]) as tar:
         # Only the tests and the pytest configuration (its markers); the installed timm is the one tested.
         members = [m for m in tar.getmembers()
