@@ -354,3 +354,23 @@ def test_timm_classifier_export_states_its_training_size_and_raw_pixels(data_dir
     cfg = timm.data.resolve_data_config({}, model=net)
     assert tuple(cfg['input_size']) == (3, 16, 16)
     assert tuple(cfg['mean']) == (0., 0., 0.) and tuple(cfg['std']) == (1., 1., 1.)
+
+
+def test_config_falls_back_to_the_packaged_recipe_and_a_local_file_wins(tmp_path, monkeypatch):
+    # From a folder without configs/ (as after a wheel install), -c configs/NAME.yaml is the packaged recipe.
+    monkeypatch.chdir(tmp_path)
+    packaged = yaml.safe_load((ROOT / 'configs' / 'quickstart.yaml').read_text())
+    for name in ('configs/quickstart.yaml', 'quickstart.yaml'):
+        args, _ = train_joint._parse_args(['-c', name])
+        assert args.model == packaged['model'] and args.lr == packaged['lr'] and args.config == name
+    (tmp_path / 'configs').mkdir()
+    (tmp_path / 'configs' / 'quickstart.yaml').write_text(yaml.safe_dump({'lr': 0.125}))
+    assert train_joint._parse_args(['-c', 'configs/quickstart.yaml'])[0].lr == 0.125
+    with pytest.raises(SystemExit):  # only bare names and configs/NAME fall back, never another path
+        train_joint._parse_args(['-c', str(tmp_path / 'elsewhere' / 'cifar10_joint.yaml')])
+
+
+def test_cli_turns_bad_options_into_one_error_line_and_status_2(tmp_path, capsys):
+    assert train_joint.cli(['--model', 'no_such_model', '--data-dir', str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'error: unknown model' in err[0]
