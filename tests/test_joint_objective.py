@@ -1,19 +1,11 @@
 """Guard against the starved classifier (issue 7): under the default joint recipe the classification
 loss must fall at least half as much as it does when training for classification alone."""
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _train_module():
-    spec = importlib.util.spec_from_file_location('train_joint_obj', ROOT / 'train_joint.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope='module')
@@ -43,7 +35,7 @@ def _epoch_cls_losses(train_joint, data_dir, out, task):
 
 
 def test_joint_classification_loss_falls_at_least_half_as_much_as_classification_only(data_dir, tmp_path):
-    train_joint = _train_module()
+    from timm_joint import train as train_joint
     cls = _epoch_cls_losses(train_joint, data_dir, tmp_path, 'classification')
     joint = _epoch_cls_losses(train_joint, data_dir, tmp_path, 'joint')
     assert len(cls) == len(joint) == 16

@@ -1,6 +1,5 @@
-"""train_joint.py: tasks, outputs, resume, distributed equivalence, argument handling."""
+"""timm_joint.train (train_joint.py): tasks, outputs, resume, distributed equivalence, argument handling."""
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,19 +11,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from timm_joint import train as train_joint
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--model', 'gradresnet_tiny_joint', '--model-kwargs', 'channels=[8,16]', 'layers=[1,1]',
         '--num-classes', '4', '--img-size', '16', '-j', '0', '--no-progress', '--log-interval', '1']
 
 
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location('train_joint', ROOT / 'train_joint.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-train_joint = _load_train_module()
 
 
 def _reset_accelerate():
@@ -271,6 +264,22 @@ def test_two_processes_equal_one_process_on_the_union(data_dir, tmp_path):
     assert moved > len(a) // 2   # the step changed most tensors: the comparison is not vacuous
 
 
+def test_two_processes_run_the_schedule_they_plan(data_dir, tmp_path):
+    """The lr schedule and the lambda ramp span the updates each process runs: with 2 processes an epoch
+    has half the batches of one process's pass, and a ramp 0 -> 100 over one epoch averages 50 (a schedule
+    counted in both processes' batches would end halfway, at 25)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
+    args = TINY + ['--data-dir', data_dir, '--epochs', '1', '-b', '4', '--den-batch-size', '3',
+                   '--lambda-den-start', '0', '--lambda-den', '100', '--output', tmp_path, '--experiment', 'ddp']
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29519',
+           str(ROOT / 'train_joint.py')] + [str(a) for a in args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    row = list(csv.DictReader(open(tmp_path / 'ddp' / 'summary.csv')))[-1]
+    assert float(row['train_lambda_den']) == pytest.approx(50., abs=1e-6)
+    assert float(row['lr']) == pytest.approx(0., abs=1e-9)  # the cosine ended with the epoch
+
+
 def test_two_processes_on_a_stream_validate_each_sample_once(data_dir, tmp_path):
     """torchrun with 2 gloo processes on wds/ shards (fewer validation shards than ranks): training splits
     the stream by rank, validation reads every sample once over both ranks; the validation numbers equal
@@ -363,3 +372,23 @@ def test_timm_classifier_export_states_its_training_size_and_raw_pixels(data_dir
     cfg = timm.data.resolve_data_config({}, model=net)
     assert tuple(cfg['input_size']) == (3, 16, 16)
     assert tuple(cfg['mean']) == (0., 0., 0.) and tuple(cfg['std']) == (1., 1., 1.)
+
+
+def test_config_falls_back_to_the_packaged_recipe_and_a_local_file_wins(tmp_path, monkeypatch):
+    # From a folder without configs/ (as after a wheel install), -c configs/NAME.yaml is the packaged recipe.
+    monkeypatch.chdir(tmp_path)
+    packaged = yaml.safe_load((ROOT / 'configs' / 'quickstart.yaml').read_text())
+    for name in ('configs/quickstart.yaml', 'quickstart.yaml'):
+        args, _ = train_joint._parse_args(['-c', name])
+        assert args.model == packaged['model'] and args.lr == packaged['lr'] and args.config == name
+    (tmp_path / 'configs').mkdir()
+    (tmp_path / 'configs' / 'quickstart.yaml').write_text(yaml.safe_dump({'lr': 0.125}))
+    assert train_joint._parse_args(['-c', 'configs/quickstart.yaml'])[0].lr == 0.125
+    with pytest.raises(SystemExit):  # only bare names and configs/NAME fall back, never another path
+        train_joint._parse_args(['-c', str(tmp_path / 'elsewhere' / 'cifar10_joint.yaml')])
+
+
+def test_cli_turns_bad_options_into_one_error_line_and_status_2(tmp_path, capsys):
+    assert train_joint.cli(['--model', 'no_such_model', '--data-dir', str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'error: unknown model' in err[0]

@@ -35,13 +35,15 @@ import yaml
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 
+from .resources import resource_dir
+
 __all__ = [
     'save_pretrained', 'atomic_replace_dir', 'load_export', 'load_results', 'validate_results',
     'results_table', 'render_model_card', 'publish', 'push_to_hub', 'load_model', 'main',
 ]
 
-# Templates live beside the package in the source tree (hub_cards/ at the repository root).
-CARD_DIR = Path(__file__).resolve().parent.parent / 'hub_cards'
+# Templates live in hub_cards/ at the repository root; a wheel carries them inside the package.
+CARD_DIR = resource_dir('hub_cards')
 CARD_TEMPLATE = CARD_DIR / 'model_card.md'
 
 # Weight files a folder may hold, in the order they are looked for; only the first is a safe format,
@@ -544,7 +546,8 @@ def render_model_card(
     template = Path(template) if template is not None else CARD_TEMPLATE
     if not template.is_file():
         raise FileNotFoundError(f'model card template {template} not found (expected hub_cards/model_card.md '
-                                f'in the source tree, or pass --template)')
+                                f'in the source tree or timm_joint/hub_cards/ in an installed package, or '
+                                f'pass --template)')
     arch = config['architecture']
     pcfg = config.get('pretrained_cfg') or {}
     hf_id, pretty, tag = _dataset_info(results['dataset']['name'])

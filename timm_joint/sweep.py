@@ -1,18 +1,20 @@
-"""Train several variants at an equal budget with ``train_joint.py`` and print one comparison table.
+"""Train several variants at an equal budget with ``timm_joint.train`` and print one comparison table.
 
     python -m timm_joint.sweep --preset design  --steps 300     # DESIGN §3 design choices
     python -m timm_joint.sweep --preset tasks   --steps 300     # classification-only, denoising-only, joint
     python -m timm_joint.sweep --preset tasks --dataset digits  # the same on scikit-learn's digits
     python -m timm_joint.sweep --preset table1 --evaluate       # the paper's Table 1, small scale
 
-Every variant is one ``train_joint.py`` run (a fresh process) per seed (``--seeds``, 42 by default)
+Every variant is one training run (``python -m timm_joint.train``, a fresh process) per seed (``--seeds``, 42 by default)
 from the same base config and the same number of optimizer steps, so the classification and denoising
 loaders see the same images per task; with several seeds the table shows the mean ± the standard
 deviation over seeds (runs of one seed differ by several points of top-1 at this scale); wall time is
 reported beside the metrics. Results go to ``runs/sweeps/NAME/PRESET.json``
 and a Markdown table (``PRESET.md``) printed at the end; presets may share a folder and its runs.
 Finished variants are reused on a re-run (their summary is read back), and an interrupted run resumes
-from its checkpoint, so a sweep can be stopped and started again.
+from its checkpoint, so a sweep can be stopped and started again. Paths (the config, data folders,
+``--output``) are relative to the current folder, as for every other command; a config that is not there
+is read from the packaged recipes (``configs/``).
 """
 import argparse
 import csv
@@ -26,9 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ['PRESETS', 'run_sweep', 'render_table']
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# Each preset: (variant name, extra train_joint.py arguments). Presets may share a sweep folder: a
+# Each preset: (variant name, extra training arguments). Presets may share a sweep folder: a
 # variant name always means the same arguments, so a run made for one preset is reused by the others.
 _RESNET18 = ('timm resnet18, classification', ['--task', 'classification', '--model', 'resnet18'])
 _CLS = ('classification only', ['--task', 'classification'])
@@ -90,7 +90,7 @@ def _read_summary(run_dir: Path) -> Optional[Dict[str, float]]:
 
 
 def _prepare(kind: str, data_dir: str) -> None:
-    subprocess.run([sys.executable, '-m', 'timm_joint.data', kind, '--root', data_dir], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, '-m', 'timm_joint.data', kind, '--root', data_dir], check=True)
 
 
 def _evaluate(run_dir: Path, data_dir: str, task: str) -> Dict[str, float]:
@@ -107,7 +107,7 @@ def _evaluate(run_dir: Path, data_dir: str, task: str) -> Dict[str, float]:
             if img_size:
                 cmd += ['--img-size', str(img_size)]
         cmd += ['--sigmas', '0', '25'] if task != 'denoising' else ['--sigmas']
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        subprocess.run(cmd, check=True)
     res = json.loads((out / 'results.json').read_text())
     metrics = {}
     for s, v in (res.get('accuracy') or {}).items():
@@ -123,7 +123,11 @@ def _epochs_for(steps: int, config: str, data_dir: str, args: Sequence[str]) -> 
     """Epochs whose learning-rate schedule ends at ``steps`` (one epoch = len(train set) // batch)."""
     import math
     import yaml
-    cfg = yaml.safe_load(open(ROOT / config if not os.path.isabs(config) else config)) or {}
+    from .resources import find_config
+    config_file = find_config(config)
+    if config_file is None:
+        raise ValueError(f'config file {config!r} not found')
+    cfg = yaml.safe_load(config_file.read_text()) or {}
     batch = int(cfg.get('batch_size', 128))
     task = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == '--task'), cfg.get('task', 'joint'))
     if task == 'denoising':
@@ -137,13 +141,14 @@ def _run_variant(name, args, run_dir, config, data_dir, steps, extra, evaluate) 
     """Train one variant at one seed (or read a finished run back); return its metrics and wall time."""
     timing = run_dir / 'wall_time.json'
     if _read_summary(run_dir) is None or not timing.is_file():
-        cmd = [sys.executable, str(ROOT / 'train_joint.py'), '-c', config, '--data-dir', data_dir,
+        # The package's own entry point: an installed package has no train_joint.py.
+        cmd = [sys.executable, '-m', 'timm_joint.train', '-c', config, '--data-dir', data_dir,
                '--max-steps', str(steps), '--epochs', str(_epochs_for(steps, config, data_dir, args)),
                '--eval-interval', '1000000', '--no-progress',
                '--output', str(run_dir.parent), '--experiment', run_dir.name, *args, *extra]
         print(f'[sweep] {name}: {" ".join(cmd[1:])}', flush=True)
         t0 = time.time()
-        subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get(
+        subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get(
             'OMP_NUM_THREADS', str(os.cpu_count() or 1))))
         timing.write_text(json.dumps({'wall_s': time.time() - t0}))
     metrics = _read_summary(run_dir) or {}
@@ -226,7 +231,7 @@ def render_table(records: Sequence[Dict]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description='Equal-budget comparisons with train_joint.py')
+    parser = argparse.ArgumentParser(description='Equal-budget comparisons with timm_joint.train')
     parser.add_argument('--preset', default='tasks', choices=sorted(PRESETS))
     parser.add_argument('--dataset', default='quickstart', choices=sorted(DATASETS))
     parser.add_argument('-c', '--config', default='configs/quickstart.yaml')
@@ -238,13 +243,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help='measure each export with python -m timm_joint.evaluate (default: the run\'s validation)')
     parser.add_argument('--seeds', type=int, nargs='+', default=[42],
                         help='train every variant once per seed; the table shows mean ± std over seeds')
-    parser.add_argument('extra', nargs='*', help='further train_joint.py arguments for every variant (after --)')
+    parser.add_argument('extra', nargs='*', help='further training arguments for every variant (after --)')
     args = parser.parse_args(argv)
     if args.steps <= 0:
         parser.error('--steps must be positive')
     if any(a == '--seed' or a.startswith('--seed=') for a in args.extra):
         parser.error('give seeds with --seeds, not --seed after --: every run of a variant would share it')
-    out = ROOT / args.output / (args.name or f'{args.preset}-{args.dataset}-{args.steps}')
+    out = Path(args.output) / (args.name or f'{args.preset}-{args.dataset}-{args.steps}')
     out.mkdir(parents=True, exist_ok=True)
     records = run_sweep(args.preset, config=args.config, dataset=args.dataset, steps=args.steps, out=out,
                         extra=args.extra, variants=args.variants, evaluate=args.evaluate, seeds=args.seeds)

@@ -1,5 +1,6 @@
-"""Pieces of ``train_joint.py`` that are worth testing on their own: state, checkpoints, noisy batches,
-validation, the denoising patch schedule, loaders over streamed datasets.
+"""Pieces of the training loop (``timm_joint.train``) that are worth testing on their own: state,
+checkpoints, noisy batches, validation, the denoising patch schedule and its cycling loader, loaders over
+streamed datasets.
 """
 import itertools
 import json
@@ -7,7 +8,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,7 @@ from .noise import STREAM_EVAL, add_noise, from_255, seeded_noise
 __all__ = [
     'TrainState', 'CheckpointManager', 'DenoisingStage', 'parse_den_schedule', 'stage_for_epoch',
     'noisy_batch', 'validate', 'NonFiniteLossError', 'DeviceLoader', 'skip_batches', 'cycle_loader',
+    'DenoisingLoader',
 ]
 
 STATE_FILE = 'train_state.json'
@@ -104,7 +106,7 @@ def read_checkpoint_meta(path: os.PathLike) -> Dict:
     if not state.is_file():
         raise ValueError(
             f'--resume {str(path)!r} is not a complete checkpoint (no {STATE_FILE}): expected a folder '
-            f'checkpoints/step_XXXXXXXX written by train_joint.py')
+            f'checkpoints/step_XXXXXXXX written by timm_joint.train (train_joint.py)')
     try:
         with open(state) as f:
             return json.load(f)
@@ -310,3 +312,69 @@ def cycle_loader(loader, state: TrainState, skip: int = 0) -> Iterator:
             yield batch
         state.den_epoch += 1
         state.den_step = 0
+
+
+class DenoisingLoader:
+    """The denoising batches of a run: a loader that cycles, rebuilt when the patch schedule changes stage.
+
+    The denoising loader is stepped in lockstep with the classification loader and cycles on its own
+    (DESIGN §2); its position is kept in ``state`` (``den_stage``, ``den_epoch``, ``den_step``), so a
+    resumed run continues mid-cycle. Call ``set_epoch`` at the start of every epoch, then ``next()``.
+
+    Args:
+        dataset: The denoising dataset; its patch size is set for each stage.
+        stages: The patch schedule (``parse_den_schedule``).
+        state: The run's state, advanced here.
+        make_loader: Builds a loader ready for the device (prepared, or a ``DeviceLoader``) over
+            ``(dataset, batch_size)``.
+        hflip: Horizontal flip probability of the denoising crops.
+    """
+
+    def __init__(
+            self,
+            dataset,
+            stages: Sequence[DenoisingStage],
+            state: TrainState,
+            make_loader: Callable[[object, int], object],
+            hflip: float,
+    ):
+        self.dataset = dataset
+        self.stages = stages
+        self.state = state
+        self.make_loader = make_loader
+        self.hflip = hflip
+        self.loader = None
+        self.stage_idx: Optional[int] = None
+        self._iter: Optional[Iterator] = None
+
+    def set_epoch(self, epoch: int) -> bool:
+        """Enter ``epoch``'s stage of the schedule; returns True if a new loader was built for it."""
+        from .data import set_denoising_patch
+        stage_idx = stage_for_epoch(self.stages, epoch)
+        if self.loader is not None and stage_idx == self.stage_idx:
+            return False
+        stage = self.stages[stage_idx]
+        # A resume into the stage it stopped in continues its pass; a new stage starts a fresh one.
+        resuming_here = self.state.den_stage == stage_idx and self.state.den_step > 0
+        if not resuming_here and self.stage_idx is not None:
+            self.state.den_step = 0
+        self.state.den_stage = stage_idx
+        set_denoising_patch(self.dataset, stage.patch_size, self.hflip)
+        self.loader = self.make_loader(self.dataset, stage.batch_size)
+        if len(self.loader) == 0:
+            raise ValueError(f'the training set is smaller than one denoising batch ({stage.batch_size})')
+        self._iter = cycle_loader(self.loader, self.state, skip=self.state.den_step)
+        self.stage_idx = stage_idx
+        return True
+
+    @property
+    def stage(self) -> DenoisingStage:
+        return self.stages[self.stage_idx if self.stage_idx is not None else 0]
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        if self._iter is None:
+            raise RuntimeError('DenoisingLoader.set_epoch(epoch) must be called before the first batch')
+        return next(self._iter)
