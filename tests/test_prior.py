@@ -182,7 +182,8 @@ def deepinv_model_tests():
 @pytest.mark.parametrize('which', ['joint', 'joint_conditional', 'dncnn', 'drunet'])
 def test_deepinv_denoiser_checks(deepinv_model_tests, monkeypatch, joint, baselines, which):
     models = {'joint': lambda: DeepinvAdapter(joint), 'joint_conditional': lambda: DeepinvAdapter(joint, c=2),
-              'dncnn': lambda: DeepinvAdapter(baselines['dncnn']), 'drunet': lambda: DeepinvAdapter(baselines['drunet'])}
+              'dncnn': lambda: DeepinvAdapter(baselines['dncnn']),
+              'drunet': lambda: DeepinvAdapter(baselines['drunet'])}
     monkeypatch.setattr(deepinv_model_tests, 'choose_denoiser', lambda name, imsize: models[which]())
     # deepinv's checks, as its test suite runs them: output shape on an odd size (37x31), a float,
     # a 0-d tensor and a per-image tensor sigma, batch 1 and 2, under no_grad.
@@ -237,8 +238,8 @@ def test_gradient_flows_through_the_adapter(joint):
 
 def _inpainting_problem(n=4, size=16):
     x = _smooth_images(n, size, seed=100)
-    physics = dinv.physics.Inpainting(img_size=(3, size, size), mask=0.5, pixelwise=True,
-                                      noise_model=dinv.physics.GaussianNoise(0.01, rng=torch.Generator().manual_seed(0)),
+    noise = dinv.physics.GaussianNoise(0.01, rng=torch.Generator().manual_seed(0))
+    physics = dinv.physics.Inpainting(img_size=(3, size, size), mask=0.5, pixelwise=True, noise_model=noise,
                                       rng=torch.Generator().manual_seed(1))
     y = physics(x)
     mask = physics.mask.expand_as(y)
