@@ -218,6 +218,16 @@ def test_potential_is_the_denoisers_potential():
     torch.testing.assert_close(prior.grad(y, 0.1), y - model.denoise(y))
 
 
+def test_score_prior_is_the_models_score(joint):
+    """deepinv's ScorePrior, (D(x) - x) / sigma^2, on the adapter is the model's own score (Tweedie)."""
+    y = _images(2, 3, 16, 16, seed=8)
+    c = torch.tensor([1, 4])
+    prior = dinv.optim.ScorePrior(DeepinvAdapter(joint))
+    torch.testing.assert_close(prior.score(y, 0.1), joint.score(y, sigma=0.1), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(prior.score(y, 0.1, class_labels=c), joint.score(y, sigma=0.1, c=c),
+                               rtol=1e-4, atol=1e-3)
+
+
 def test_gradient_flows_through_the_adapter(joint):
     """DPS differentiates through the denoiser: with an input that requires grad the output carries the
     graph (double backward), even under no_grad."""

@@ -43,6 +43,7 @@ Example::
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,8 @@ from .robustness import level_key
 
 __all__ = [
     'PROBLEMS', 'HELD_OUT_IMAGES', 'held_out_images', 'make_physics', 'measurement_estimate', 'build_solver',
-    'dpir_schedule', 'restore', 'render_markdown', 'build_parser', 'parse_args', 'run', 'main',
+    'dpir_schedule', 'restore', 'validate_results', 'render_markdown', 'write_atomic', 'build_parser', 'parse_args',
+    'run', 'main',
 ]
 
 SCHEMA_VERSION = 1
@@ -279,7 +281,6 @@ def restore(args: argparse.Namespace) -> Dict[str, Any]:
     """
     from tqdm import tqdm
     from . import figures
-    from .evaluate import _write_atomic
 
     _check_args(args)
     out_dir = Path(args.out)
@@ -358,9 +359,22 @@ def restore(args: argparse.Namespace) -> Dict[str, Any]:
     results['wall_s'] = round(time.time() - t0, 2)
     results['command'] = args.command
     validate_results(results)
-    _write_atomic(out_dir / 'results.md', render_markdown(results), overwrite=True)
-    _write_atomic(results_path, json.dumps(results, indent=2, allow_nan=False) + '\n', overwrite=args.overwrite)
+    write_atomic(out_dir / 'results.md', render_markdown(results), overwrite=True)
+    write_atomic(results_path, json.dumps(results, indent=2, allow_nan=False) + '\n', overwrite=args.overwrite)
     return results
+
+
+def write_atomic(path: Path, text: str, *, overwrite: bool) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then move it into place; an existing ``path``
+    is replaced only with ``overwrite`` (FileExistsError otherwise, the temporary file removed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    tmp.write_text(text)
+    if not overwrite and path.exists():
+        tmp.unlink()
+        raise FileExistsError(f'{path} exists: refusing to overwrite it (pass --overwrite, or another --out)')
+    os.replace(tmp, path)
 
 
 def _denoising_diagnostic(priors, x: torch.Tensor, s255: float, key: str, size: int, seed: int,

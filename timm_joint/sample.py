@@ -489,7 +489,8 @@ def sample_command(args: argparse.Namespace) -> Dict[str, Any]:
         The results dictionary.
     """
     from . import figures
-    from .evaluate import _write_atomic, load_model
+    from .evaluate import load_model
+    from .restore import write_atomic
 
     from .evaluate import read_training_sigma_max
 
@@ -585,8 +586,8 @@ def sample_command(args: argparse.Namespace) -> Dict[str, Any]:
     results['figures'] = [str(fig.relative_to(out_dir))]
     results['wall_s'] = round(time.time() - t0, 2)
     results['command'] = args.command
-    _write_atomic(out_dir / 'results.md', render_markdown(results), overwrite=True)
-    _write_atomic(results_path, json.dumps(results, indent=2, allow_nan=False) + '\n', overwrite=args.overwrite)
+    write_atomic(out_dir / 'results.md', render_markdown(results), overwrite=True)
+    write_atomic(results_path, json.dumps(results, indent=2, allow_nan=False) + '\n', overwrite=args.overwrite)
     return results
 
 
