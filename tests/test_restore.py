@@ -91,8 +91,8 @@ def test_dpir_schedule():
 def test_restore_end_to_end(exports, tmp_path, capsys):
     out = tmp_path / 'out'
     argv = ['--models', f'local-dir:{exports / "joint"}', f'local-dir:{exports / "dncnn"}',
-            '--labels', 'joint', 'dncnn', '--sizes', '16', '--images', 'china', 'coins', '--iterations', '2', '--noise', '5', '10',
-            '--out', str(out), '--no-progress', '--grid-images', '2']
+            '--labels', 'joint', 'dncnn', '--sizes', '16', '--images', 'china', 'coins', '--iterations', '2',
+            '--noise', '5', '10', '--out', str(out), '--no-progress', '--grid-images', '2']
     results = run(argv)
     validate_results(results)
     on_disk = json.loads((out / 'results.json').read_text())
