@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     'denoising_grid', 'psnr_vs_sigma', 'robustness_curves', 'reliability_diagram', 'eigenvector_figure',
+    'restoration_grid', 'sample_grid',
 ]
 
 PathLike = Union[str, Path]
@@ -237,4 +238,70 @@ def eigenvector_figure(
         axes[r][0].set_xticks([])
         axes[r][0].set_yticks([])
     fig.suptitle("eigenvectors of the denoiser's Jacobian", fontsize=10)
+    return _save(fig, path)
+
+
+def _show(ax, img, title: Optional[str] = None, fontsize: int = 7) -> None:
+    a = np.clip(_to_hwc(img), 0., 1.)
+    ax.imshow(a, cmap='gray' if a.ndim == 2 else None, vmin=0, vmax=1, interpolation='nearest')
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=fontsize)
+
+
+def restoration_grid(grid: Dict[str, Dict[str, object]], path: PathLike, *, title: str = '') -> Path:
+    """One row per (problem, image): clean, the measurement's image-space estimate, each prior's
+    reconstruction, with its PSNR against the clean image.
+
+    Args:
+        grid: {problem: {'clean': [N, C, H, W], 'rows': {label: [N, C, H, W]}}}, the 'rows' in column
+            order (the measurement first).
+        path: Output PNG.
+        title: Figure title (algorithm, noise level).
+    """
+    from .metrics import psnr
+    rows = [(p, i) for p, g in grid.items() for i in range(g['clean'].shape[0])]
+    labels = list(next(iter(grid.values()))['rows']) if grid else []
+    cols = ['clean'] + labels
+    fig = _new_figure(1.7 * len(cols), 1.8 * max(len(rows), 1) + 0.5)
+    axes = fig.subplots(max(len(rows), 1), len(cols), squeeze=False)
+    for r, (problem, i) in enumerate(rows):
+        g = grid[problem]
+        clean = g['clean'][i:i + 1]
+        _show(axes[r][0], clean[0], 'clean' if r == 0 else None)
+        axes[r][0].set_ylabel(problem, fontsize=8)
+        for j, label in enumerate(labels):
+            img = g['rows'][label][i:i + 1]
+            _show(axes[r][j + 1], img[0], f'{label}\n{float(psnr(img, clean)[0]):.2f} dB')
+    height = 1.8 * max(len(rows), 1) + 0.5
+    fig.subplots_adjust(top=1 - 0.5 / height, bottom=0.2 / height, hspace=0.35, wspace=0.08)
+    if title:
+        fig.suptitle(title, fontsize=9, y=1 - 0.1 / height)
+    return _save(fig, path)
+
+
+def sample_grid(rows: Dict[str, torch.Tensor], path: PathLike, *, title: str = '') -> Path:
+    """Samples, one row per label (e.g. 'KS, class 3'), images clamped to [0, 1].
+
+    Args:
+        rows: {label: samples [N, C, H, W]}; rows may hold different numbers of samples.
+        path: Output PNG.
+        title: Figure title (sampler parameters).
+    """
+    n_cols = max((int(v.shape[0]) for v in rows.values()), default=1)
+    fig = _new_figure(1.1 * n_cols + 1.6, 1.15 * max(len(rows), 1) + 0.5)
+    axes = fig.subplots(max(len(rows), 1), n_cols, squeeze=False)
+    for r, (label, samples) in enumerate(rows.items()):
+        for j in range(n_cols):
+            ax = axes[r][j]
+            if j < samples.shape[0]:
+                _show(ax, samples[j])
+            else:
+                ax.axis('off')
+        axes[r][0].set_ylabel(label, fontsize=7, rotation=0, ha='right', va='center')
+    height = 1.15 * max(len(rows), 1) + 0.5
+    fig.subplots_adjust(top=1 - 0.45 / height, bottom=0.1 / height, hspace=0.08, wspace=0.05)
+    if title:
+        fig.suptitle(title, fontsize=9, y=1 - 0.1 / height)
     return _save(fig, path)
