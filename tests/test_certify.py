@@ -5,7 +5,7 @@
 - the abstain rules of ``certify`` and ``predict`` at their exact thresholds, with scripted base classifiers;
 - batched sampling against a loop over samples; one seed twice against another seed;
 - denoised smoothing against the model's own ``denoise`` called directly, and without a graph;
-- ``certify_grid`` against ``Smooth.certify`` image by image.
+- ``certify_grid`` against ``Smooth.certify`` image by image; the command line against both.
 """
 import json
 
@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+import yaml
 from scipy.stats import binom, binomtest, norm
 
 import timm_joint  # noqa: F401  (registers the models)
@@ -383,3 +384,104 @@ def test_bad_inputs_are_refused():
         certify_grid({'m': nn.Identity()}, x, torch.zeros(2, dtype=torch.long), [0, 1], **grid)
     with pytest.raises(ValueError, match=r'indices \[N\]'):
         certify_grid({'m': _Exploding()}, x, torch.zeros(2, dtype=torch.long), [0], **grid)
+
+
+# -- the command line, CI-sized --------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def cli(tmp_path_factory):
+    from timm_joint.data import prepare_quickstart
+    from timm_joint.hub import save_pretrained
+    from timm_joint.evaluate import run
+    root = tmp_path_factory.mktemp('certify')
+    qs = prepare_quickstart(root / 'qs', patch_size=16, train_per_class=2, val_per_class=2, short_side=96,
+                            images=('astronaut', 'brick', 'coffee'))
+    torch.manual_seed(0)
+    tiny = timm.create_model('gradresnet_tiny_joint', num_classes=3, channels=(8, 16), layers=(1, 1))
+    run_dir = root / 'runs' / 'tiny'
+    save_pretrained(tiny, run_dir / 'export', model_name='gradresnet_tiny_joint',
+                    model_args={'num_classes': 3, 'channels': [8, 16], 'layers': [1, 1]})
+    (run_dir / 'args.yaml').write_text(yaml.safe_dump({'sigma_max_cls': 30, 'sigma_max_den': 90}))
+    ref = timm.create_model('test_resnet', num_classes=3)
+    save_pretrained(ref, root / 'ref' / 'export', model_name='test_resnet', model_args={'num_classes': 3})
+    out = root / 'out'
+    common = ['--data-dir', str(qs), '--img-size', '16', '--workers', '0', '--batch-size', '8', '--no-progress',
+              '--sigmas', '0', '--psnr-sigmas', '25', '--eigen-k', '0', '--grid-images', '1']
+    argv = ['--model', 'gradresnet_tiny_joint', '--checkpoint', str(run_dir / 'export'), *common, '--out', str(out),
+            '--certify', '--certify-sigmas', '25', '50', '--certify-n', '20', '--certify-n0', '4',
+            '--certify-alpha', '0.01', '--certify-images', '4', '--certify-batch-size', '6',
+            '--reference-model', 'test_resnet', '--reference-checkpoint', str(root / 'ref' / 'export')]
+    results = run(argv)
+    return {'root': root, 'qs': str(qs), 'out': out, 'argv': argv, 'common': common, 'results': results,
+            'tiny': str(run_dir / 'export'), 'ref': str(root / 'ref' / 'export')}
+
+
+def test_cli_certifies_the_model_and_the_reference(cli, capfd):
+    from timm_joint.evaluate import validate_results
+    r = json.loads((cli['out'] / 'results.json').read_text())
+    validate_results(r)
+    c = r['certify']
+    assert (c['n0'], c['n'], c['alpha'], c['num_images']) == (4, 20, 0.01, 4)
+    assert c['sigmas'] == ['25', '50'] and c['radii'] == ['0', '0.25', '0.5', '0.75', '1']
+    assert set(c['models']['gradresnet_tiny_joint']) == {'own', 'denoised'}
+    assert set(c['models']['test_resnet']) == {'own'}
+    # sigma 50 lies above the tiny model's classification training range (30); the reference's is unknown.
+    assert c['outside_training'] == {'gradresnet_tiny_joint': ['50'], 'test_resnet': []}
+    assert c['max_radius']['25'] == pytest.approx(max_certified_radius(20, 0.01, 25 / 255))
+    assert (cli['out'] / 'figures' / 'certified_accuracy.png').stat().st_size > 1000
+    md = (cli['out'] / 'results.md').read_text()
+    assert '## Certified top-1 (%)' in md and '| gradresnet_tiny_joint | denoised D(y) | 50* |' in md
+
+
+def test_cli_certificates_equal_direct_calls(cli):
+    """The command line's certificate of each image equals Smooth.certify on the same image and index."""
+    from timm_joint.data import create_eval_dataset
+    from timm_joint.evaluate import load_model
+    c = cli['results']['certify']
+    ds = create_eval_dataset('', cli['qs'], img_size=16, split='validation')
+    model, _ = load_model('gradresnet_tiny_joint', cli['tiny'])
+    for mode, base in (('own', model), ('denoised', DenoisedClassifier(model))):
+        smooth = Smooth(base, 3, 50 / 255)
+        for i, index in enumerate(c['index']):
+            x, label, idx = ds[index]
+            assert idx == index and label == c['label'][i]
+            pred, radius = smooth.certify(x, 4, 20, 0.01, 20, seed=0, index=index)
+            assert c['models']['gradresnet_tiny_joint'][mode]['50']['prediction'][i] == pred
+            assert c['models']['gradresnet_tiny_joint'][mode]['50']['radius'][i] == pytest.approx(radius)
+
+
+@pytest.mark.parametrize('extra, match', [
+    (['--certify-n', '3'], 'cannot certify anything'),
+    (['--certify-alpha', '1.5'], r'alpha must be in \(0, 1\)'),
+    (['--certify-n0', '0'], r'n0 \(selection samples\) must be >= 1'),
+    (['--certify-sigmas', '0'], '--certify-sigmas must be noise levels > 0'),
+])
+def test_cli_bad_certify_settings_fail_before_work(cli, tmp_path, extra, match):
+    from timm_joint.evaluate import run
+    out = tmp_path / 'o'
+    with pytest.raises(ValueError, match=match):
+        run(['--model', 'gradresnet_tiny_joint', '--checkpoint', cli['tiny'], *cli['common'], '--out', str(out),
+             '--certify', *extra])
+    assert not out.exists()
+
+
+def test_cli_denoised_mode_needs_a_denoiser(cli, tmp_path):
+    from timm_joint.evaluate import run
+    with pytest.raises(ValueError, match='--certify-mode denoised needs a model that classifies and denoises'):
+        run(['--model', 'test_resnet', '--checkpoint', cli['ref'], *cli['common'], '--out', str(tmp_path / 'o'),
+             '--certify', '--certify-mode', 'denoised'])
+
+
+@pytest.mark.parametrize('mutate, match', [
+    (lambda c: c.update(alpha=2), r'certify.alpha'),
+    (lambda c: c['models']['test_resnet']['own']['25']['accuracy'].pop('0.5'), 'accuracy must map the radii'),
+    (lambda c: c['models']['test_resnet']['own']['25']['radius'].append(0.1), 'radius must be 4 radii'),
+    (lambda c: c['models']['test_resnet'].update(noisy=c['models']['test_resnet']['own']), 'base classifiers'),
+    (lambda c: c['models']['test_resnet']['own'].pop('50'), 'one cell per sigma'),
+])
+def test_validate_results_rejects_broken_certify(cli, mutate, match):
+    from timm_joint.evaluate import validate_results
+    r = json.loads((cli['out'] / 'results.json').read_text())
+    mutate(r['certify'])
+    with pytest.raises(ValueError, match=match):
+        validate_results(r)
