@@ -485,3 +485,74 @@ def test_validate_results_rejects_broken_certify(cli, mutate, match):
     mutate(r['certify'])
     with pytest.raises(ValueError, match=match):
         validate_results(r)
+
+
+# -- training the baselines: Gaussian augmentation at one fixed sigma (Cohen et al.), or none --------
+
+def test_fixed_classification_noise_puts_every_image_at_one_sigma():
+    from timm_joint.data import IndexedDataset
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return torch.full((3, 4, 4), i / 10.), i
+
+    ramp = IndexedDataset(Images(), seed=1, stream=1, sigma_max=50 / 255)
+    fixed = IndexedDataset(Images(), seed=1, stream=1, sigma_max=25 / 255, sigma_dist='fixed')
+    clean = IndexedDataset(Images(), seed=1, stream=1, sigma_max=0., sigma_dist='fixed')
+    sig_ramp = []
+    for i in range(6):
+        _, _, _, s_r, e_r = ramp[i]
+        _, _, _, s_f, e_f = fixed[i]
+        _, _, _, s_c, _ = clean[i]
+        assert float(s_f) == pytest.approx(25 / 255) and float(s_c) == 0.
+        assert torch.equal(e_r, e_f)   # the same eps: only the level differs
+        sig_ramp.append(float(s_r))
+    assert len(set(sig_ramp)) == 6 and max(sig_ramp) <= 50 / 255
+    with pytest.raises(ValueError, match='sigma_max > 0'):
+        IndexedDataset(Images(), seed=1, sigma_max=0.)
+    with pytest.raises(ValueError, match='sigma_dist must be one of'):
+        IndexedDataset(Images(), seed=1, sigma_max=0.1, sigma_dist='uniform')
+
+
+def test_train_joint_records_the_fixed_classification_noise(tmp_path):
+    """A clean-trained classifier (--sigma-dist-cls fixed --sigma-max-cls 0): every certification sigma is
+    outside its training noise, and evaluate reads that from the export."""
+    import importlib.util
+    from pathlib import Path
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from timm_joint.data import prepare_quickstart
+    from timm_joint.evaluate import _outside_cls_range, read_training_cls_noise
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location('train_joint_cert', root / 'train_joint.py')
+    train_joint = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_joint)
+    data = prepare_quickstart(tmp_path / 'qs', patch_size=16, train_per_class=4, val_per_class=1, short_side=96,
+                              images=('astronaut', 'brick'))
+    args = ['--model', 'gradresnet_tiny_joint', '--model-kwargs', 'channels=[8,16]', 'layers=[1,1]',
+            '--num-classes', '2', '--img-size', '16', '-j', '0', '--no-progress', '--data-dir', str(data),
+            '--task', 'classification', '-b', '4', '--epochs', '1', '--max-steps', '1',
+            '--output', str(tmp_path / 'runs'), '--experiment', 'clean']
+
+    def reset_accelerate():   # in-process runs share Accelerate's singletons (as in test_train.py)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+    def train(extra):
+        reset_accelerate()
+        try:
+            return train_joint.main(args + extra)
+        finally:
+            reset_accelerate()
+
+    with pytest.raises(ValueError, match='0 only with --sigma-dist-cls fixed'):
+        train(['--sigma-max-cls', '0'])
+    out = train(['--sigma-dist-cls', 'fixed', '--sigma-max-cls', '0'])
+    noise = read_training_cls_noise(str(out / 'export' / 'last'))
+    assert noise['sigma_max_cls_255'] == 0 and noise['sigma_dist_cls'] == 'fixed'
+    assert _outside_cls_range(['12', '25'], noise) == ['12', '25']
+    assert _outside_cls_range(['12', '25', '50'], {'sigma_max_cls_255': 25., 'sigma_dist_cls': 'fixed'}) == ['12', '50']
+    assert _outside_cls_range(['12', '25', '50'], {'sigma_max_cls_255': 25., 'sigma_dist_cls': 'squared_uniform'}) == ['50']
