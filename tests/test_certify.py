@@ -556,3 +556,34 @@ def test_train_joint_records_the_fixed_classification_noise(tmp_path):
     assert _outside_cls_range(['12', '25'], noise) == ['12', '25']
     assert _outside_cls_range(['12', '25', '50'], {'sigma_max_cls_255': 25., 'sigma_dist_cls': 'fixed'}) == ['12', '50']
     assert _outside_cls_range(['12', '25', '50'], {'sigma_max_cls_255': 25., 'sigma_dist_cls': 'squared_uniform'}) == ['50']
+
+
+def test_sweep_certify_preset_trains_the_noise_baseline_and_tabulates_certified_accuracy(tmp_path, monkeypatch):
+    """CI's small version of the comparison command: Cohen et al.'s baseline, two steps, n = 20."""
+    from timm_joint import sweep
+    from timm_joint.data import prepare_quickstart
+    data = tmp_path / 'qs'
+    prepare_quickstart(data, patch_size=16, train_per_class=4, val_per_class=2, short_side=96,
+                       images=('astronaut', 'brick', 'coffee'))
+    cfg = tmp_path / 'tiny.yaml'
+    cfg.write_text(yaml.safe_dump({'model': 'gradresnet_tiny_joint', 'num_classes': 3, 'img_size': 16,
+                                   'batch_size': 6, 'epochs': 1, 'workers': 0}))
+    monkeypatch.setitem(sweep.DATASETS, 'tiny', (str(data), 'quickstart'))
+    monkeypatch.setattr(sweep, '_prepare', lambda *a, **k: None)
+    name = 'timm resnet18, noise 25 (Cohen et al.)'
+    eval_args = ['--certify-n', '20', '--certify-n0', '4', '--certify-alpha', '0.01', '--certify-images', '3']
+    with pytest.raises(ValueError, match='pass evaluate=True'):
+        sweep.run_sweep('certify', config=str(cfg), dataset='tiny', steps=2, out=tmp_path / 's', variants=[name])
+    [rec] = sweep.run_sweep('certify', config=str(cfg), dataset='tiny', steps=2, out=tmp_path / 's', variants=[name],
+                            evaluate=True, eval_args=eval_args)
+    run_dir = tmp_path / 's' / f"{name.replace(' ', '_')}_seed42"
+    args = yaml.safe_load((run_dir / 'args.yaml').read_text())
+    assert (args['model'], args['sigma_dist_cls'], args['sigma_max_cls']) == ('resnet18', 'fixed', 25)
+    [eval_dir] = run_dir.glob('eval-*')   # its own folder: the evaluation arguments differ from the default
+    res = json.loads((eval_dir / 'results.json').read_text())
+    assert (res['certify']['n'], res['certify']['sigmas']) == (20, ['25'])
+    cell = res['certify']['models'][res['model']['name']]['own']['25']
+    assert rec['cert_own_s25_r0'] == cell['accuracy']['0'] and rec['cls_noise'] == 'fixed 25'
+    assert res['certify']['outside_training'][res['model']['name']] == []
+    table = sweep.render_table([rec], sweep.PRESET_COLUMNS['certify'])
+    assert '| cls noise | top-1 σ=0 | top-1 σ=25 | own, σ=25, r=0 |' in table and '| fixed 25 |' in table
