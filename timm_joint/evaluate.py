@@ -1074,10 +1074,10 @@ def _render_certify(c: Dict[str, Any]) -> List[str]:
     """The certified-accuracy table of ``results['certify']``, with its settings and caveats."""
     radii = c['radii']
     lines = [f'## Certified top-1 (%), randomized smoothing, {c["num_images"]} images', '',
-             f'- n0 = {c["n0"]}, n = {c["n"]:,}, alpha = {c["alpha"]:g}, noise seed {c.get("seed", "")}; '
-             f'L2 radii in {c.get("units", {}).get("radius", "L2 norm, [0, 1] pixels")}; sigma in 0-255 units',
+             f'- n0 = {c["n0"]}, n = {c["n"]:,}, alpha = {c["alpha"]:g}, noise seed {c.get("seed", "")}; radius r: '
+             f'L2 norm over all pixels of a [0, 1] image; sigma in 0-255 units',
              '- max radius: the largest radius n and alpha can certify at that sigma (all samples agreeing); '
-             'accuracy at larger radii is 0 by construction, not a measurement']
+             'beyond it (—) the certified accuracy is 0 by construction, not a measurement']
     outside = c.get('outside_training') or {}
     for name, training in (c.get('training') or {}).items():
         if training.get('sigma_max_cls_255') is None:
@@ -1096,8 +1096,9 @@ def _render_certify(c: Dict[str, Any]) -> List[str]:
             for sigma in c['sigmas']:
                 cell = per_sigma[sigma]
                 mark = '*' if sigma in (outside.get(name) or []) else ''
+                reach = c['max_radius'][sigma]
                 lines.append(f'| {name} | {_MODE_NAMES.get(mode, mode)} | {sigma}{mark} | '
-                             + ' | '.join(_fmt(cell['accuracy'][k], 1) for k in radii)
+                             + ' | '.join(_fmt(cell['accuracy'][k], 1) if float(k) <= reach else '—' for k in radii)
                              + f' | {_fmt(cell["abstain"], 1)} | {_fmt(c["max_radius"][sigma], 3)} | {_fmt(cell.get("time_s"), 1)} |')
     for name, modes in (c.get('skipped') or {}).items():
         lines += ['', f'{name}: no {", ".join(modes)} base classifier (it has no denoiser)']
