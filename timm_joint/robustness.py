@@ -1,10 +1,8 @@
 """Robustness: empirical PGD attacks with foolbox 3, and certified L2 robustness by randomized smoothing.
 
 Attacks bound robustness from above (an attack that fails may have been too weak); certification bounds
-it from below. Both are here: ``robust_accuracy_grid`` (below) and ``Smooth`` / ``certify_grid`` (the
-second half of this file).
-
-PGD over a grid of (epsilon, test-time noise sigma).
+it from below. Both are here: ``robust_accuracy_grid`` (PGD over a grid of epsilon and test-time noise
+sigma, below) and ``Smooth`` / ``certify_grid`` (the second half of this file).
 
 A classifier evaluated on noisy inputs is attacked at each noise level sigma through a deterministic
 module, ``FixedNoiseClassifier``: x -> logits(x + sigma * eps), where eps is drawn once per image from
