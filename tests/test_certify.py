@@ -455,6 +455,7 @@ def test_cli_certificates_equal_direct_calls(cli):
     (['--certify-alpha', '1.5'], r'alpha must be in \(0, 1\)'),
     (['--certify-n0', '0'], r'n0 \(selection samples\) must be >= 1'),
     (['--certify-sigmas', '0'], '--certify-sigmas must be noise levels > 0'),
+    (['--certify-batch-size', '0'], 'batch_size must be >= 1'),
 ])
 def test_cli_bad_certify_settings_fail_before_work(cli, tmp_path, extra, match):
     from timm_joint.evaluate import run
@@ -463,6 +464,17 @@ def test_cli_bad_certify_settings_fail_before_work(cli, tmp_path, extra, match):
         run(['--model', 'gradresnet_tiny_joint', '--checkpoint', cli['tiny'], *cli['common'], '--out', str(out),
              '--certify', *extra])
     assert not out.exists()
+
+
+@pytest.mark.parametrize('flags, modes', [
+    ([], ['own', 'denoised']),
+    (['--certify-mode', 'own'], ['own']),
+    (['--certify-mode', 'denoised', '--certify-denoiser', 'conditional'], ['denoised_cond']),
+    (['--certify-denoiser', 'conditional'], ['own', 'denoised_cond']),
+])
+def test_cli_modes_name_the_base_classifiers(flags, modes):
+    from timm_joint.evaluate import _certify_mode_list, parse_args
+    assert _certify_mode_list(parse_args(['--model', 'm', '--certify', *flags])) == modes
 
 
 def test_cli_denoised_mode_needs_a_denoiser(cli, tmp_path):

@@ -501,7 +501,7 @@ def _check_args(args: argparse.Namespace) -> None:
                          'or --certify')
     if args.certify:
         check_certify_args(args.certify_n0, args.certify_n, args.certify_alpha,
-                           args.certify_batch_size or args.batch_size)
+                           args.batch_size if args.certify_batch_size is None else args.certify_batch_size)
         if not args.certify_sigmas or any(not (math.isfinite(s) and s > 0) for s in args.certify_sigmas):
             raise ValueError(f'--certify-sigmas must be noise levels > 0 (0-255 units), got {args.certify_sigmas}')
         if args.certify_images < 1:
@@ -755,7 +755,8 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
             models, torch.stack([it[0] for it in items]).to(device), torch.tensor([int(it[1]) for it in items]),
             [int(it[2]) for it in items], sigmas=[s / 255. for s in args.certify_sigmas], modes=certify_mode_list,
             n0=args.certify_n0, n=args.certify_n, alpha=args.certify_alpha,
-            batch_size=args.certify_batch_size or args.batch_size, seed=args.seed, progress=args.progress,
+            batch_size=args.batch_size if args.certify_batch_size is None else args.certify_batch_size,
+            seed=args.seed, progress=args.progress,
             log=lambda line: print(line, file=sys.stderr, flush=True))
         # Where each classifier was trained: a sigma outside its classification noise is extrapolation.
         training_cls = {name: read_training_cls_noise(folder) for name, folder in folders.items()}
