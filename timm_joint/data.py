@@ -58,20 +58,28 @@ def _augment(fn: Callable[[], Any], seed: Optional[int], stream: int, epoch: int
         return fn()
 
 
+SIGMA_DISTS = ('squared_uniform', 'fixed')
+
+
 def _with_noise(img: torch.Tensor, target: Any, index: int, sigma_max: Optional[float], seed: Optional[int],
-                stream: int, epoch: int) -> tuple:
+                stream: int, epoch: int, sigma_dist: str = 'squared_uniform') -> tuple:
     """(img, target, index), plus the sample's training noise (sigma, eps) when ``sigma_max`` is set:
     the draws of ``timm_joint.noise.seeded_noise`` for (seed, stream, epoch, index), made here, in the
-    loader worker, rather than in the training loop's process."""
+    loader worker, rather than in the training loop's process. ``sigma_dist`` 'fixed' gives every
+    sample sigma = sigma_max (the same eps as 'squared_uniform'; 0: clean images)."""
     if sigma_max is None:
         return img, target, index
-    sigma, eps = seeded_noise([index], tuple(img.shape), sigma_max=sigma_max, seed=seed, epoch=epoch, stream=stream)
+    level = dict(sigma=sigma_max) if sigma_dist == 'fixed' else dict(sigma_max=sigma_max)
+    sigma, eps = seeded_noise([index], tuple(img.shape), **level, seed=seed, epoch=epoch, stream=stream)
     return img, target, index, sigma[0], eps[0]
 
 
-def _check_noise_args(sigma_max: Optional[float], seed: Optional[int]) -> None:
-    if sigma_max is not None and (seed is None or not sigma_max > 0):
-        raise ValueError(f'training noise needs a seed and sigma_max > 0, got seed={seed}, sigma_max={sigma_max}')
+def _check_noise_args(sigma_max: Optional[float], seed: Optional[int], sigma_dist: str = 'squared_uniform') -> None:
+    if sigma_dist not in SIGMA_DISTS:
+        raise ValueError(f'sigma_dist must be one of {SIGMA_DISTS}, got {sigma_dist!r}')
+    if sigma_max is not None and (seed is None or not (sigma_max >= 0 if sigma_dist == 'fixed' else sigma_max > 0)):
+        raise ValueError(f'training noise needs a seed and sigma_max > 0 (>= 0 when fixed), got seed={seed}, '
+                         f'sigma_max={sigma_max}')
 
 
 class IndexedDataset(Dataset):
@@ -89,17 +97,19 @@ class IndexedDataset(Dataset):
         seed: Run seed; None leaves the transforms on the ambient RNG.
         stream: Which random stream (``timm_joint.noise.STREAM_*``).
         sigma_max: Largest training noise level (pixel units, sigma = sigma_max * u^2); None: no noise.
+        sigma_dist: 'squared_uniform' (sigma = sigma_max * u^2) or 'fixed' (sigma = sigma_max).
     """
 
     def __init__(self, dataset: Dataset, seed: Optional[int] = None, stream: int = 0,
-                 sigma_max: Optional[float] = None):
+                 sigma_max: Optional[float] = None, sigma_dist: str = 'squared_uniform'):
         if isinstance(dataset, IterableDataset):
             raise TypeError('IndexedDataset needs a map-style dataset; wrap a streamed one in IndexedIterableDataset')
-        _check_noise_args(sigma_max, seed)
+        _check_noise_args(sigma_max, seed, sigma_dist)
         self.dataset = dataset
         self.seed = seed
         self.stream = stream
         self.sigma_max = sigma_max
+        self.sigma_dist = sigma_dist
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -110,7 +120,7 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple:
         img, target = _augment(lambda: self.dataset[index], self.seed, self.stream, self.epoch, index)
-        return _with_noise(img, target, index, self.sigma_max, self.seed, self.stream, self.epoch)
+        return _with_noise(img, target, index, self.sigma_max, self.seed, self.stream, self.epoch, self.sigma_dist)
 
 
 def is_streamed(dataset: str) -> bool:
@@ -151,13 +161,15 @@ class IndexedIterableDataset(IterableDataset):
         split_by_rank: For evaluation: every sample exactly once over all ranks (see below); the ranks may
             then hold a different number of batches, so their results are summed, not gathered per batch.
         sigma_max: Largest training noise level (pixel units); None: no noise.
+        sigma_dist: 'squared_uniform' (sigma = sigma_max * u^2) or 'fixed' (sigma = sigma_max).
     """
 
     def __init__(self, dataset: IterableDataset, transform: Optional[Callable] = None,
                  seed: Optional[int] = None, stream: int = 0, split_by_rank: bool = False,
-                 sigma_max: Optional[float] = None):
-        _check_noise_args(sigma_max, seed)
+                 sigma_max: Optional[float] = None, sigma_dist: str = 'squared_uniform'):
+        _check_noise_args(sigma_max, seed, sigma_dist)
         self.sigma_max = sigma_max
+        self.sigma_dist = sigma_dist
         self.dataset = dataset
         self.dataset.transform = None
         self.transform = transform
@@ -220,7 +232,7 @@ class IndexedIterableDataset(IterableDataset):
             key = sample_key(img, target)
             if self.transform is not None:
                 img = _augment(lambda: self.transform(img), self.seed, self.stream, self.epoch, key)
-            yield _with_noise(img, target, key, self.sigma_max, self.seed, self.stream, self.epoch)
+            yield _with_noise(img, target, key, self.sigma_max, self.seed, self.stream, self.epoch, self.sigma_dist)
 
 
 class _MinSize:
@@ -346,12 +358,15 @@ def create_joint_datasets(
         num_samples: Optional[int] = None,
         sigma_max_cls: Optional[float] = None,
         sigma_max_den: Optional[float] = None,
+        sigma_dist_cls: str = 'squared_uniform',
 ) -> Tuple[Union[IndexedDataset, IndexedIterableDataset], Union[IndexedDataset, IndexedIterableDataset]]:
     """The classification and denoising views of one training set, each with its own transform.
 
     A streamed dataset (``wds/``, ``hfids/``) gets two readers, each streaming the whole split;
     ``batch_size`` / ``den_batch_size`` and ``num_samples`` are passed to them.
-    ``sigma_max_cls`` / ``sigma_max_den`` (pixel units) make each view draw its training noise too.
+    ``sigma_max_cls`` / ``sigma_max_den`` (pixel units) make each view draw its training noise too;
+    ``sigma_dist_cls`` 'fixed' puts every classification image at sigma_max_cls (Cohen et al.'s
+    Gaussian augmentation at the smoothing sigma; 0: clean images).
 
     Returns:
         (classification dataset, denoising dataset), items (image [C, H, W] in [0, 1], target, index or
@@ -362,18 +377,19 @@ def create_joint_datasets(
     t_den = den_transform(patch_size or img_size, hflip=hflip)
     if is_streamed(dataset):
         views = []
-        for transform, bs, stream, sigma_max in ((t_cls, batch_size, STREAM_CLS, sigma_max_cls),
-                                                 (t_den, den_batch_size or batch_size, STREAM_DEN, sigma_max_den)):
+        for transform, bs, stream, sigma_max, dist in (
+                (t_cls, batch_size, STREAM_CLS, sigma_max_cls, sigma_dist_cls),
+                (t_den, den_batch_size or batch_size, STREAM_DEN, sigma_max_den, 'squared_uniform')):
             ds = _create_dataset(dataset, data_dir, split, download, is_training=True, batch_size=bs,
                                  seed=42 if seed is None else seed, num_samples=num_samples)
-            views.append(IndexedIterableDataset(ds, transform, seed, stream, sigma_max=sigma_max))
+            views.append(IndexedIterableDataset(ds, transform, seed, stream, sigma_max=sigma_max, sigma_dist=dist))
         return views[0], views[1]
     base = _create_dataset(dataset, data_dir, split, download)
     ds_cls = base
     ds_den = copy.copy(base)  # shares the reader (file list), not the transform
     ds_cls.transform = t_cls
     ds_den.transform = t_den
-    return (IndexedDataset(ds_cls, seed, STREAM_CLS, sigma_max=sigma_max_cls),
+    return (IndexedDataset(ds_cls, seed, STREAM_CLS, sigma_max=sigma_max_cls, sigma_dist=sigma_dist_cls),
             IndexedDataset(ds_den, seed, STREAM_DEN, sigma_max=sigma_max_den))
 
 

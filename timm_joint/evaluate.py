@@ -1,20 +1,21 @@
 """Evaluate a model the way the paper does: ``python -m timm_joint.evaluate`` (console: timm-joint-evaluate).
 
 One command measures accuracy at noise levels, blind and class-conditional denoising (PSNR, SSIM),
-calibration, out-of-distribution detection, adversarial robustness and the Jacobian spectrum of the
-denoiser, and writes
+calibration, out-of-distribution detection, adversarial robustness, certified robustness (randomized
+smoothing, ``--certify``) and the Jacobian spectrum of the denoiser, and writes
 
     OUT/results.json    versioned results (schema_version 1, ``validate_results``): the only source
                         of tables and model cards
     OUT/results.md      Markdown tables rendered from results.json alone
-    OUT/figures/*.png   denoising grid, PSNR against sigma, robustness curves, reliability diagram,
-                        Jacobian eigenvectors
+    OUT/figures/*.png   denoising grid, PSNR against sigma, robustness curves, certified accuracy
+                        against radius, reliability diagram, Jacobian eigenvectors
 
 Example::
 
     python -m timm_joint.evaluate --model gradresnet_tiny_joint --checkpoint runs/quickstart/export \\
         --dataset '' --data-dir data/quickstart --out runs/quickstart/eval \\
-        --attack linf l2 --reference-model resnet18 --reference-checkpoint runs/resnet18/export
+        --attack linf l2 --reference-model resnet18 --reference-checkpoint runs/resnet18/export \\
+        --certify --certify-sigmas 12 25 50 --certify-n 10000
 
 Noise levels on the command line are in the 0-255 convention. Every noisy image is
 x + sigma * eps with eps drawn once per image from the seeded evaluation stream (``--seed``), the
@@ -39,12 +40,13 @@ import torch.nn as nn
 from . import metrics
 from .joint import JointDensityMixin, JointDensityWrapper
 from .robustness import (
-    ATTACKS, DEFAULT_EPSILONS, ROBUSTBENCH_EPSILONS, check_levels, fixed_eval_noise, level_key,
-    robust_accuracy_grid,
+    ATTACKS, CERTIFY_MODES, DEFAULT_EPSILONS, ROBUSTBENCH_EPSILONS, certify_grid, certify_modes, check_certify_args,
+    check_levels, fixed_eval_noise, level_key, robust_accuracy_grid,
 )
 
 __all__ = [
     'SCHEMA_VERSION', 'load_model', 'jacobian_operator', 'jacobian_eigs', 'read_training_sigma_max',
+    'read_training_cls_noise',
     'evaluate', 'validate_results', 'render_markdown', 'build_parser', 'parse_args', 'run', 'main',
 ]
 
@@ -373,6 +375,38 @@ def read_training_sigma_max(folder: Optional[str], override_255: Optional[float]
             'source': f'unknown: none of {", ".join(_SIGMA_MAX_KEYS)} in {", ".join(str(p) for p in candidates)}'}
 
 
+def read_training_cls_noise(folder: Optional[str]) -> Dict[str, Any]:
+    """The classification batch's training noise (0-255 units), as train_joint.py recorded it.
+
+    Reads the export's ``config.json`` (``timm_joint.sigma_max_cls_255``, ``sigma_dist_cls``), then
+    ``args.yaml`` in the folder, its parent and grandparent (``sigma_max_cls``, ``sigma_dist_cls``).
+
+    Returns:
+        {'sigma_max_cls_255': float or None, 'sigma_dist_cls': 'squared_uniform' (sigma = max * u^2, the
+        default) or 'fixed' (every image at that sigma; 0: clean), 'source': where it came from}.
+    """
+    if folder is not None:
+        base = Path(folder)
+        import yaml
+        for path in (base / 'config.json', base / 'args.yaml', base.parent / 'args.yaml',
+                     base.parent.parent / 'args.yaml'):
+            if not path.is_file():
+                continue
+            try:
+                data = json.loads(path.read_text()) if path.suffix == '.json' else yaml.safe_load(path.read_text())
+            except Exception:
+                continue
+            if isinstance(data, dict) and isinstance(data.get('timm_joint'), dict):
+                data = data['timm_joint']
+            if not isinstance(data, dict):
+                continue
+            value = _find_key(data, ('sigma_max_cls_255', 'sigma_max_cls'), depth=0)
+            if value is not None and value >= 0:
+                dist = data.get('sigma_dist_cls') or 'squared_uniform'
+                return {'sigma_max_cls_255': value, 'sigma_dist_cls': str(dist), 'source': str(path)}
+    return {'sigma_max_cls_255': None, 'sigma_dist_cls': None, 'source': 'unknown'}
+
+
 # -- datasets ----------------------------------------------------------------------------------------
 
 def _base_dataset(ds):
@@ -463,8 +497,16 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {v}')
     if args.eigen_k < 0:
         raise ValueError(f'--eigen-k must be >= 0, got {args.eigen_k}')
-    if args.reference_model and not args.attack:
-        raise ValueError('--reference-model is attacked beside the model: add --attack linf and/or l2')
+    if args.reference_model and not (args.attack or args.certify):
+        raise ValueError('--reference-model is attacked or certified beside the model: add --attack linf and/or l2, '
+                         'or --certify')
+    if args.certify:
+        check_certify_args(args.certify_n0, args.certify_n, args.certify_alpha,
+                           args.batch_size if args.certify_batch_size is None else args.certify_batch_size)
+        if not args.certify_sigmas or any(not (math.isfinite(s) and s > 0) for s in args.certify_sigmas):
+            raise ValueError(f'--certify-sigmas must be noise levels > 0 (0-255 units), got {args.certify_sigmas}')
+        if args.certify_images < 1:
+            raise ValueError(f'--certify-images must be >= 1, got {args.certify_images}')
 
 
 def _mean(values: List[torch.Tensor]) -> float:
@@ -507,8 +549,12 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     is_joint = isinstance(model, JointDensityMixin)
     has_denoiser = is_joint or hasattr(model, 'denoise')
     can_classify = bool(getattr(model, 'num_classes', 0))
-    if not can_classify and (args.sigmas or args.attack):
-        raise ValueError(f'{args.model} has no classifier: pass --sigmas with no values and no --attack')
+    if not can_classify and (args.sigmas or args.attack or args.certify):
+        raise ValueError(f'{args.model} has no classifier: pass --sigmas with no values, no --attack and no --certify')
+    certify_mode_list = _certify_mode_list(args)
+    if args.certify and args.certify_mode == 'denoised' and certify_mode_list[0] not in certify_modes(model):
+        raise ValueError(f'--certify-mode denoised needs a model that classifies and denoises; {args.model} only '
+                         f'classifies: use --certify-mode own')
     cfg = _model_cfg(model)
     img_size = args.img_size or int(cfg.get('input_size', (3, 224, 224))[-1])
     crop_pct = float(cfg.get('crop_pct', 1.0) or 1.0) if args.crop_pct is None else args.crop_pct
@@ -516,12 +562,12 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     ds = create_eval_dataset(args.dataset, args.data_dir, img_size=img_size, split=args.split,
                              download=args.dataset_download, crop_pct=crop_pct)
     has_labels, n_dataset_classes = _label_info(ds)
-    needs_labels = bool(args.sigmas) or bool(args.attack)
+    needs_labels = bool(args.sigmas) or bool(args.attack) or args.certify
     if needs_labels and not has_labels:
         raise ValueError(
             f'dataset {args.dataset!r} at {args.data_dir!r} (split {args.split!r}) has no class labels '
-            f'(images are not in class subfolders), but accuracy is asked: pass --sigmas with no values '
-            f'and no --attack to evaluate denoising only')
+            f'(images are not in class subfolders), but accuracy is asked: pass --sigmas with no values, '
+            f'no --attack and no --certify to evaluate denoising only')
     num_classes = getattr(model, 'num_classes', 0)
     if has_labels and n_dataset_classes and num_classes and n_dataset_classes > num_classes:
         raise ValueError(
@@ -697,6 +743,28 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
             'accuracy': acc,
         }
 
+    # 3b. Certified robustness: randomized smoothing, the model and the reference on the same images and noise.
+    if args.certify:
+        positions = _spread(len(ds), args.certify_images)
+        items = [ds[p] for p in positions]
+        models, folders = {args.model: model}, {args.model: info.get('folder')}
+        if reference is not None:
+            ref_name = (args.reference_model if args.reference_model != args.model
+                        else f'{args.reference_model} (reference)')
+            models[ref_name], folders[ref_name] = reference, ref_info.get('folder')
+        results['certify'] = certify_grid(
+            models, torch.stack([it[0] for it in items]).to(device), torch.tensor([int(it[1]) for it in items]),
+            [int(it[2]) for it in items], sigmas=[s / 255. for s in args.certify_sigmas], modes=certify_mode_list,
+            n0=args.certify_n0, n=args.certify_n, alpha=args.certify_alpha,
+            batch_size=args.batch_size if args.certify_batch_size is None else args.certify_batch_size,
+            seed=args.seed, progress=args.progress,
+            log=lambda line: print(line, file=sys.stderr, flush=True))
+        # Where each classifier was trained: a sigma outside its classification noise is extrapolation.
+        training_cls = {name: read_training_cls_noise(folder) for name, folder in folders.items()}
+        results['certify']['training'] = training_cls
+        results['certify']['outside_training'] = {
+            name: _outside_cls_range(results['certify']['sigmas'], t) for name, t in training_cls.items()}
+
     # 4. The Jacobian spectrum of the denoiser at the first noisy image.
     eigen = None
     if is_joint and args.eigen_k > 0:
@@ -725,6 +793,8 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
                                              train_sigma_max_255=training['sigma_max_255']))
     if 'robustness' in results:
         written.append(figures.robustness_curves(results['robustness'], fig_dir / 'robustness.png'))
+    if 'certify' in results:
+        written.append(figures.certified_accuracy_curves(results['certify'], fig_dir / 'certified_accuracy.png'))
     if acc_keys:
         k = '0' if '0' in acc_keys else acc_keys[0]
         written.append(figures.reliability_diagram(
@@ -753,6 +823,23 @@ def _ood_scores(model: nn.Module, x: torch.Tensor, eps: torch.Tensor, sigma: flo
     else:
         logits = model(y)
     store['max_softmax'].append(logits.float().softmax(-1).max(-1).values.double().cpu())
+
+
+def _certify_mode_list(args: argparse.Namespace) -> List[str]:
+    """--certify-mode and --certify-denoiser as base-classifier names (``robustness.CERTIFY_MODES``)."""
+    denoised = 'denoised' if args.certify_denoiser == 'blind' else 'denoised_cond'
+    return {'own': ['own'], 'denoised': [denoised], 'both': ['own', denoised]}[args.certify_mode]
+
+
+def _outside_cls_range(sigma_keys: Sequence[str], cls_noise: Dict[str, Any]) -> List[str]:
+    """The certification sigmas the classifier never saw in training: above sigma_max_cls, or any other than
+    the fixed training sigma. Empty when the training noise is unknown."""
+    top = cls_noise.get('sigma_max_cls_255')
+    if top is None:
+        return []
+    if cls_noise.get('sigma_dist_cls') == 'fixed':
+        return [k for k in sigma_keys if abs(float(k) - top) > 1e-6]
+    return [k for k in sigma_keys if float(k) > top + 1e-6]
 
 
 def _write_atomic(path: Path, text: str, *, overwrite: bool) -> None:
@@ -796,7 +883,8 @@ def validate_results(d: Any) -> None:
     0-255 levels as strings, e.g. "25") ``accuracy`` (% top-1), ``ece`` (%), ``noisy_psnr`` (dB),
     ``psnr`` and ``ssim`` each {blind, cond_true, cond_pred}, ``cond_gain_db`` {true, pred}; denoising
     values may be "n/a". Optional: ``ood`` {auroc: {score: [0, 1] or "n/a"}}, ``robustness``
-    {accuracy: {model: {attack: {sigma: {epsilon: %}}}}}, ``eigen`` {top, bottom: lists of numbers}.
+    {accuracy: {model: {attack: {sigma: {epsilon: %}}}}}, ``eigen`` {top, bottom: lists of numbers},
+    ``certify`` (``_validate_certify``).
     """
     if not isinstance(d, dict):
         raise ValueError(f'results must be a JSON object, got {type(d).__name__}')
@@ -855,11 +943,69 @@ def validate_results(d: Any) -> None:
                     if not isinstance(cells, dict) or not cells or not all(_is_num(v) and 0 <= v <= 100 for v in cells.values()):
                         raise ValueError(
                             f'results: robustness.accuracy[{name!r}][{attack!r}][{sigma!r}] must map epsilons to % in [0, 100]')
+    if 'certify' in d:
+        _validate_certify(d['certify'])
     if 'eigen' in d:
         e = d['eigen']
         if not isinstance(e, dict) or not all(isinstance(e.get(k), list) and all(_is_num(v) for v in e[k])
                                               for k in ('top', 'bottom')):
             raise ValueError('results: eigen.top and eigen.bottom must be lists of numbers')
+
+
+def _validate_certify(c: Any) -> None:
+    """``certify``: settings n0, n (int >= 1), alpha in (0, 1), num_images; ``sigmas`` (0-255 keys) and
+    ``radii`` (L2, [0, 1] pixels); ``index`` and ``label`` [num_images]; ``max_radius`` {sigma: >= 0};
+    ``models`` {name: {mode in CERTIFY_MODES: {sigma: {accuracy: {radius: %}, abstain: %, curve: {radius,
+    accuracy}, prediction: [num_images] ints >= -1, radius: [num_images] >= 0}}}}."""
+    if not isinstance(c, dict):
+        raise ValueError('results: certify must be an object')
+    for key in ('n0', 'n', 'num_images'):
+        v = c.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f'results: certify.{key} must be a positive integer, got {v!r}')
+    if not (_is_num(c.get('alpha')) and 0 < c['alpha'] < 1):
+        raise ValueError(f'results: certify.alpha must be in (0, 1), got {c.get("alpha")!r}')
+    n_img = c['num_images']
+    for key in ('sigmas', 'radii'):
+        if not isinstance(c.get(key), list) or not c[key]:
+            raise ValueError(f'results: certify.{key} must be a non-empty list')
+    _check_sigma_map({k: 0. for k in c['sigmas']}, 'certify.sigmas', allow_na=False)
+    _check_sigma_map(c.get('max_radius'), 'certify.max_radius', 0, math.inf, allow_na=False)
+    for key in ('index', 'label'):
+        v = c.get(key)
+        if not isinstance(v, list) or len(v) != n_img or not all(isinstance(i, int) and i >= 0 for i in v):
+            raise ValueError(f'results: certify.{key} must be a list of {n_img} non-negative integers')
+    models = c.get('models')
+    if not isinstance(models, dict) or not models:
+        raise ValueError('results: certify.models must map model names to base classifiers')
+    for name, per_mode in models.items():
+        if not isinstance(per_mode, dict) or not per_mode or not set(per_mode) <= set(CERTIFY_MODES):
+            raise ValueError(f'results: certify.models[{name!r}] must map base classifiers {CERTIFY_MODES} to sigmas')
+        for mode, per_sigma in per_mode.items():
+            where = f'certify.models[{name!r}][{mode!r}]'
+            if not isinstance(per_sigma, dict) or set(per_sigma) != set(c['sigmas']):
+                raise ValueError(f'results: {where} must have one cell per sigma {c["sigmas"]}')
+            for sigma, cell in per_sigma.items():
+                w = f'{where}[{sigma!r}]'
+                if not isinstance(cell, dict):
+                    raise ValueError(f'results: {w} must be an object')
+                acc = cell.get('accuracy')
+                if (not isinstance(acc, dict) or set(acc) != set(c['radii'])
+                        or not all(_is_num(v) and 0 <= v <= 100 for v in acc.values())):
+                    raise ValueError(f'results: {w}.accuracy must map the radii {c["radii"]} to % in [0, 100]')
+                if not (_is_num(cell.get('abstain')) and 0 <= cell['abstain'] <= 100):
+                    raise ValueError(f'results: {w}.abstain must be a % in [0, 100]')
+                pred, rad = cell.get('prediction'), cell.get('radius')
+                if (not isinstance(pred, list) or len(pred) != n_img
+                        or not all(isinstance(p, int) and not isinstance(p, bool) and p >= -1 for p in pred)):
+                    raise ValueError(f'results: {w}.prediction must be {n_img} class indices (-1: abstain)')
+                if not isinstance(rad, list) or len(rad) != n_img or not all(_is_num(r) and r >= 0 for r in rad):
+                    raise ValueError(f'results: {w}.radius must be {n_img} radii >= 0')
+                curve = cell.get('curve')
+                if (not isinstance(curve, dict) or not isinstance(curve.get('radius'), list)
+                        or not isinstance(curve.get('accuracy'), list) or len(curve['radius']) != len(curve['accuracy'])
+                        or not all(_is_num(v) for v in curve['radius'] + curve['accuracy'])):
+                    raise ValueError(f'results: {w}.curve must hold two lists of numbers of equal length, radius and accuracy')
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -911,6 +1057,8 @@ def render_markdown(results: Dict[str, Any]) -> str:
                 for sigma, cells in sorted(grid.get(a, {}).items(), key=lambda kv: float(kv[0])):
                     lines.append(f'| {name} | {sigma} | ' + ' | '.join(_fmt(cells.get(e, '')) for e in eps_keys) + ' |')
             lines.append('')
+    if 'certify' in r:
+        lines += [''] + _render_certify(r['certify'])
     if 'eigen' in r:
         e = r['eigen']
         lines += ['', f"## Eigenvalues of the denoiser's Jacobian (image {e.get('image_index')}, sigma {e.get('sigma')})", '',
@@ -919,6 +1067,44 @@ def render_markdown(results: Dict[str, Any]) -> str:
     if r.get('figures'):
         lines += ['', '## Figures', ''] + [f'![{Path(p).stem}]({p})' for p in r['figures']]
     return '\n'.join(lines).rstrip() + '\n'
+
+
+_MODE_NAMES = {'own': 'own (noisy logits)', 'denoised': 'denoised D(y)', 'denoised_cond': 'denoised D(y, c)'}
+
+
+def _render_certify(c: Dict[str, Any]) -> List[str]:
+    """The certified-accuracy table of ``results['certify']``, with its settings and caveats."""
+    radii = c['radii']
+    lines = [f'## Certified top-1 (%), randomized smoothing, {c["num_images"]} images', '',
+             f'- n0 = {c["n0"]}, n = {c["n"]:,}, alpha = {c["alpha"]:g}, noise seed {c.get("seed", "")}; radius r: '
+             f'L2 norm over all pixels of a [0, 1] image; sigma in 0-255 units',
+             '- max radius: the largest radius n and alpha can certify at that sigma (all samples agreeing); '
+             'beyond it (—) the certified accuracy is 0 by construction, not a measurement']
+    outside = c.get('outside_training') or {}
+    for name, training in (c.get('training') or {}).items():
+        if training.get('sigma_max_cls_255') is None:
+            lines.append(f'- {name}: classification training noise unknown')
+            continue
+        dist, top = training.get('sigma_dist_cls'), training['sigma_max_cls_255']
+        seen = (f'sigma = {top:g} for every image' if dist == 'fixed'
+                else f'sigma = {top:g} * u^2, u ~ U(0, 1)' if dist in (None, 'squared_uniform') else f'{dist}, max {top:g}')
+        out = outside.get(name) or []
+        lines.append(f'- {name}: classification training noise {seen}; '
+                     + (f'sigma {", ".join(out)} outside it (marked *)' if out else 'every sigma inside it'))
+    lines += ['', '| model | base classifier | sigma | ' + ' | '.join(f'r={k}' for k in radii)
+              + ' | abstain (%) | max radius | time (s) |', '|---|---|---:|' + '---:|' * (len(radii) + 3)]
+    for name, per_mode in c['models'].items():
+        for mode, per_sigma in per_mode.items():
+            for sigma in c['sigmas']:
+                cell = per_sigma[sigma]
+                mark = '*' if sigma in (outside.get(name) or []) else ''
+                reach = c['max_radius'][sigma]
+                lines.append(f'| {name} | {_MODE_NAMES.get(mode, mode)} | {sigma}{mark} | '
+                             + ' | '.join(_fmt(cell['accuracy'][k], 1) if float(k) <= reach else '—' for k in radii)
+                             + f' | {_fmt(cell["abstain"], 1)} | {_fmt(c["max_radius"][sigma], 3)} | {_fmt(cell.get("time_s"), 1)} |')
+    for name, modes in (c.get('skipped') or {}).items():
+        lines += ['', f'{name}: no {", ".join(modes)} base classifier (it has no denoiser)']
+    return lines
 
 
 # -- command line ------------------------------------------------------------------------------------
@@ -965,6 +1151,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--attack-steps', type=int, default=20)
     p.add_argument('--reference-model', default=None, help='a standard classifier attacked beside the model')
     p.add_argument('--reference-checkpoint', default=None)
+    p.add_argument('--certify', action='store_true',
+                   help='certified L2 robustness by randomized smoothing (Cohen et al. 2019); the slowest evaluation: '
+                        'an estimate of its duration is printed first')
+    p.add_argument('--certify-sigmas', type=float, nargs='+', default=[12, 25, 50],
+                   help='smoothing noise levels (0-255 units; Cohen et al.\'s 0.12 / 0.25 / 0.5 are 30.6 / 63.75 / 127.5)')
+    p.add_argument('--certify-n', type=int, default=10000, help='estimation samples per image (Cohen et al.: 100000)')
+    p.add_argument('--certify-n0', type=int, default=100, help='selection samples per image')
+    p.add_argument('--certify-alpha', type=float, default=0.001, help='probability that a certificate is wrong')
+    p.add_argument('--certify-mode', default='both', choices=('own', 'denoised', 'both'),
+                   help="base classifier: the model's logits of the noisy image (own), of its denoised version "
+                        "(denoised smoothing), or both; a plain classifier gets own only")
+    p.add_argument('--certify-denoiser', default='blind', choices=('blind', 'conditional'),
+                   help='denoised smoothing with the blind D(y), or with D(y, c), c the model\'s prediction on y')
+    p.add_argument('--certify-images', type=int, default=100, help='images certified (spread over the split)')
+    p.add_argument('--certify-batch-size', type=int, default=None,
+                   help='noisy copies per forward pass (default: --batch-size; results do not depend on it)')
     p.add_argument('--eigen-k', type=int, default=4, help="Jacobian eigenpairs at each end (0: skip)")
     p.add_argument('--eigen-sigma', type=float, default=25.)
     p.add_argument('--out', default=None, help='output folder (default: eval/<model>)')

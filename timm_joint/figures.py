@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    'denoising_grid', 'psnr_vs_sigma', 'robustness_curves', 'reliability_diagram', 'eigenvector_figure',
-    'restoration_grid', 'sample_grid',
+    'denoising_grid', 'psnr_vs_sigma', 'robustness_curves', 'certified_accuracy_curves', 'reliability_diagram',
+    'eigenvector_figure', 'restoration_grid', 'sample_grid',
 ]
 
 PathLike = Union[str, Path]
@@ -163,6 +163,46 @@ def robustness_curves(robustness: Dict[str, object], path: PathLike) -> Path:
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def certified_accuracy_curves(certify: Dict[str, object], path: PathLike) -> Path:
+    """Certified accuracy against L2 radius (Cohen et al.'s figure): one panel per sigma, one exact step
+    curve per (model, base classifier), and the largest radius n and alpha can certify at that sigma.
+
+    Args:
+        certify: The ``certify`` entry of the results (``models``: {name: {mode: {sigma: {'curve':
+            {'radius', 'accuracy'}}}}}, ``sigmas``, ``max_radius``, ``n``, ``alpha``).
+        path: Output PNG.
+    """
+    sigmas = list(certify['sigmas'])
+    max_radius = certify.get('max_radius', {})
+    outside = certify.get('outside_training') or {}
+    names = {'own': 'own', 'denoised': 'denoised D(y)', 'denoised_cond': 'denoised D(y, c)'}
+    linestyles = {'own': '-', 'denoised': '--', 'denoised_cond': '-.'}
+    x_end = 1.05 * max([float(v) for v in max_radius.values()] + [0.25])
+    fig = _new_figure(4.5 * len(sigmas), 3.8)
+    axes = fig.subplots(1, len(sigmas), squeeze=False, sharey=True)[0]
+    for ax, sigma in zip(axes, sigmas):
+        for mi, (name, per_mode) in enumerate(certify['models'].items()):
+            for mode, per_sigma in per_mode.items():
+                curve = per_sigma[sigma]['curve']
+                # Exact step function: accuracy[j] on (radius[j-1], radius[j]], then 0.
+                xs = list(curve['radius']) + [x_end]
+                ys = list(curve['accuracy']) + [0.]
+                extrapolated = ' (sigma outside its training noise)' if sigma in (outside.get(name) or []) else ''
+                ax.step(xs, ys, where='pre', linestyle=linestyles.get(mode, ':'), color=f'C{mi}',
+                        label=f'{name}, {names.get(mode, mode)}{extrapolated}')
+        if sigma in max_radius:
+            ax.axvline(float(max_radius[sigma]), linestyle=':', color='grey', linewidth=1,
+                       label=f'max radius (n={certify.get("n")}, alpha={certify.get("alpha")})')
+        ax.set_title(f'sigma = {sigma}/255', fontsize=9)
+        ax.legend(fontsize=6)
+        ax.set_xlabel('L2 radius ([0, 1] pixels)')
+        ax.set_xlim(0, x_end)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel('certified top-1 (%)')
     return _save(fig, path)
 
 

@@ -4,6 +4,7 @@
     python -m timm_joint.sweep --preset tasks   --steps 300     # classification-only, denoising-only, joint
     python -m timm_joint.sweep --preset tasks --dataset digits  # the same on scikit-learn's digits
     python -m timm_joint.sweep --preset table1 --evaluate       # the paper's Table 1, small scale
+    python -m timm_joint.sweep --preset certify --evaluate      # certified accuracy, randomized smoothing
 
 Every variant is one training run (``python -m timm_joint.train``, a fresh process) per seed (``--seeds``, 42 by default)
 from the same base config and the same number of optimizer steps, so the classification and denoising
@@ -18,15 +19,17 @@ is read from the packaged recipes (``configs/``).
 """
 import argparse
 import csv
+import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ['PRESETS', 'run_sweep', 'render_table']
+__all__ = ['PRESETS', 'PRESET_EVAL_ARGS', 'run_sweep', 'render_table']
 
 # Each preset: (variant name, extra training arguments). Presets may share a sweep folder: a
 # variant name always means the same arguments, so a run made for one preset is reused by the others.
@@ -58,6 +61,16 @@ PRESETS: Dict[str, List[Tuple[str, List[str]]]] = {
         ('sigma_max_cls 25', ['--sigma-max-cls', '25']),
         ('sigma_max_den 200', ['--sigma-max-den', '200']),
     ],
+    # Certified robustness by randomized smoothing (issue 16): the joint model (its own noisy classifier and
+    # denoised smoothing), classification only, and timm's resnet18 trained on clean images and with Gaussian
+    # noise at the certification sigma, 25 (Cohen et al.'s baseline). Needs --evaluate (PRESET_EVAL_ARGS).
+    'certify': [
+        _JOINT, _CLS,
+        ('timm resnet18, clean', ['--task', 'classification', '--model', 'resnet18',
+                                  '--sigma-dist-cls', 'fixed', '--sigma-max-cls', '0']),
+        ('timm resnet18, noise 25 (Cohen et al.)', ['--task', 'classification', '--model', 'resnet18',
+                                                    '--sigma-dist-cls', 'fixed', '--sigma-max-cls', '25']),
+    ],
     # The paper's ablations (Table 3), each one flag away from the default.
     'ablations': [
         _JOINT,
@@ -77,6 +90,29 @@ DATASETS = {
 
 COLUMNS = ('top1_s0', 'top1_s25', 'psnr_s15', 'psnr_s25', 'psnr_s50')
 
+# Arguments a preset adds to every ``python -m timm_joint.evaluate`` call (``--eval-args`` adds more: later
+# flags win), and the columns of its table. Certification at n = 10,000 and alpha = 0.001 reaches radius
+# 0.31 at sigma 25 (n = 1,000 stops at 0.24, short of the 0.25 the issue compares at).
+PRESET_EVAL_ARGS: Dict[str, List[str]] = {
+    'certify': ['--certify', '--certify-sigmas', '25', '--certify-n', '10000', '--certify-n0', '100',
+                '--certify-alpha', '0.001', '--certify-images', '100', '--certify-mode', 'both'],
+}
+PRESET_COLUMNS: Dict[str, Tuple[str, ...]] = {
+    # r = 0.5 is out of reach at sigma 25 with n = 10,000 (the largest certifiable radius is 0.31).
+    'certify': ('top1_s0', 'top1_s25', 'cert_own_s25_r0', 'cert_own_s25_r0.25', 'cert_denoised_s25_r0',
+                'cert_denoised_s25_r0.25'),
+}
+_HEADERS = {'top1_s0': 'top-1 σ=0', 'top1_s25': 'top-1 σ=25', 'psnr_s15': 'PSNR σ=15', 'psnr_s25': 'PSNR σ=25',
+            'psnr_s50': 'PSNR σ=50'}
+
+
+def _header(key: str) -> str:
+    """'cert_own_s25_r0.25' -> 'own, σ=25, r=0.25' (certified top-1); the others from _HEADERS."""
+    if key.startswith('cert_'):
+        mode, sigma, radius = key[len('cert_'):].rsplit('_', 2)
+        return f'{mode}, σ={sigma[1:]}, r={radius[1:]}'
+    return _HEADERS.get(key, key)
+
 
 def _read_summary(run_dir: Path) -> Optional[Dict[str, float]]:
     path = run_dir / 'summary.csv'
@@ -93,9 +129,14 @@ def _prepare(kind: str, data_dir: str) -> None:
     subprocess.run([sys.executable, '-m', 'timm_joint.data', kind, '--root', data_dir], check=True)
 
 
-def _evaluate(run_dir: Path, data_dir: str, task: str) -> Dict[str, float]:
-    """Evaluate the run's last export with ``python -m timm_joint.evaluate`` (the same command for all)."""
-    out = run_dir / 'eval'
+def _evaluate(run_dir: Path, data_dir: str, task: str, eval_args: Sequence[str] = ()) -> Dict[str, float]:
+    """Evaluate the run's last export with ``python -m timm_joint.evaluate`` (the same command for all).
+
+    Extra ``eval_args`` get a results folder of their own (named by their hash), so a sweep re-run with
+    other evaluation settings never reads back results measured with different ones.
+    """
+    tag = hashlib.sha1(' '.join(eval_args).encode()).hexdigest()[:8] if eval_args else ''
+    out = run_dir / (f'eval-{tag}' if tag else 'eval')
     if not (out / 'results.json').is_file():
         cmd = [sys.executable, '-m', 'timm_joint.evaluate', '--model', f'local-dir:{run_dir / "export" / "last"}',
                '--dataset', '', '--data-dir', data_dir, '--psnr-sigmas', '15', '25', '50',
@@ -107,6 +148,7 @@ def _evaluate(run_dir: Path, data_dir: str, task: str) -> Dict[str, float]:
             if img_size:
                 cmd += ['--img-size', str(img_size)]
         cmd += ['--sigmas', '0', '25'] if task != 'denoising' else ['--sigmas']
+        cmd += list(eval_args)
         subprocess.run(cmd, check=True)
     res = json.loads((out / 'results.json').read_text())
     metrics = {}
@@ -116,18 +158,29 @@ def _evaluate(run_dir: Path, data_dir: str, task: str) -> Dict[str, float]:
     for s, v in ((res.get('psnr') or {}).get('blind') or {}).items():
         if isinstance(v, (int, float)):
             metrics[f'psnr_s{float(s):g}'] = float(v)
+    certify = res.get('certify') or {}
+    name = res.get('model', {}).get('name')
+    for mode, per_sigma in (certify.get('models', {}).get(name) or {}).items():
+        for s, cell in per_sigma.items():
+            for r, v in cell['accuracy'].items():
+                metrics[f'cert_{mode}_s{s}_r{r}'] = float(v)
     return metrics
 
 
-def _epochs_for(steps: int, config: str, data_dir: str, args: Sequence[str]) -> int:
-    """Epochs whose learning-rate schedule ends at ``steps`` (one epoch = len(train set) // batch)."""
-    import math
+def _read_config(config: str) -> Dict:
+    """The base config's values (a local file, or the recipe packaged under that name)."""
     import yaml
     from .resources import find_config
     config_file = find_config(config)
     if config_file is None:
         raise ValueError(f'config file {config!r} not found')
-    cfg = yaml.safe_load(config_file.read_text()) or {}
+    return yaml.safe_load(config_file.read_text()) or {}
+
+
+def _epochs_for(steps: int, config: str, data_dir: str, args: Sequence[str]) -> int:
+    """Epochs whose learning-rate schedule ends at ``steps`` (one epoch = len(train set) // batch)."""
+    import math
+    cfg = _read_config(config)
     batch = int(cfg.get('batch_size', 128))
     task = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == '--task'), cfg.get('task', 'joint'))
     if task == 'denoising':
@@ -137,7 +190,7 @@ def _epochs_for(steps: int, config: str, data_dir: str, args: Sequence[str]) -> 
     return max(1, math.ceil(steps / per_epoch))
 
 
-def _run_variant(name, args, run_dir, config, data_dir, steps, extra, evaluate) -> Dict[str, float]:
+def _run_variant(name, args, run_dir, config, data_dir, steps, extra, evaluate, eval_args=()) -> Dict[str, float]:
     """Train one variant at one seed (or read a finished run back); return its metrics and wall time."""
     timing = run_dir / 'wall_time.json'
     if _read_summary(run_dir) is None or not timing.is_file():
@@ -154,7 +207,7 @@ def _run_variant(name, args, run_dir, config, data_dir, steps, extra, evaluate) 
     metrics = _read_summary(run_dir) or {}
     if evaluate:
         task = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == '--task'), 'joint')
-        metrics = _evaluate(run_dir, data_dir, task)
+        metrics = _evaluate(run_dir, data_dir, task, eval_args)
     return {**metrics, 'wall_s': json.loads(timing.read_text())['wall_s']}
 
 
@@ -172,6 +225,21 @@ def _aggregate(name, args, steps, seeds, runs) -> Dict:
     return record
 
 
+def _cls_noise(args: Sequence[str], config: str) -> str:
+    """The classification training noise of a variant, in words: 'u² · 50', 'fixed 25' or 'clean'."""
+    cfg = _read_config(config)
+
+    def arg(flag: str, default):
+        values = [args[i + 1] for i in range(len(args) - 1) if args[i] == flag]
+        return values[-1] if values else default   # the last one wins, as in argparse
+
+    dist = arg('--sigma-dist-cls', cfg.get('sigma_dist_cls', 'squared_uniform'))
+    top = float(arg('--sigma-max-cls', cfg.get('sigma_max_cls', 50.)))
+    if dist == 'fixed':
+        return 'clean' if top == 0 else f'fixed {top:g}'
+    return f'u² · {top:g}'
+
+
 def run_sweep(
         preset: str,
         *,
@@ -183,17 +251,23 @@ def run_sweep(
         variants: Optional[Sequence[str]] = None,
         evaluate: bool = False,
         seeds: Sequence[int] = (42,),
+        eval_args: Sequence[str] = (),
 ) -> List[Dict]:
     """Run (or reuse) every variant of a preset once per seed; return one record per variant.
 
     Metrics come from the run's final validation (summary.csv) or, with ``evaluate``, from
-    ``python -m timm_joint.evaluate`` on its export. With several seeds a record holds the mean of
-    each metric, its sample standard deviation (``KEY_std``) and the per-seed values (``per_seed``).
+    ``python -m timm_joint.evaluate`` on its export, called with the preset's ``PRESET_EVAL_ARGS`` and then
+    ``eval_args``. With several seeds a record holds the mean of each metric, its sample standard deviation
+    (``KEY_std``) and the per-seed values (``per_seed``).
     """
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f'seeds must be distinct non-negative integers, got {list(seeds)}')
     if preset not in PRESETS:
         raise ValueError(f'unknown preset {preset!r}: expected one of {sorted(PRESETS)}')
+    if preset in PRESET_EVAL_ARGS and not evaluate:
+        raise ValueError(f'preset {preset!r} is measured by python -m timm_joint.evaluate: '
+                         f'pass evaluate=True (--evaluate)')
+    eval_args = [*PRESET_EVAL_ARGS.get(preset, []), *eval_args]
     data_dir, prepare = DATASETS[dataset]
     _prepare(prepare, data_dir)
     records = []
@@ -204,24 +278,30 @@ def run_sweep(
         for seed in seeds:
             slug = f"{name.replace(' ', '_').replace('/', '_')}_seed{seed}"
             runs.append(_run_variant(name, [*args, '--seed', str(seed)], out / slug, config, data_dir, steps,
-                                     extra, evaluate))
+                                     extra, evaluate, eval_args))
         records.append(_aggregate(name, args, steps, seeds, runs))
-        print(f'[sweep] {name}: ' + ' '.join(f'{k} {records[-1][k]:.2f}' for k in COLUMNS if k in records[-1]),
+        records[-1]['cls_noise'] = _cls_noise([*args, *extra], config)
+        columns = PRESET_COLUMNS.get(preset, COLUMNS)
+        print(f'[sweep] {name}: ' + ' '.join(f'{k} {records[-1][k]:.2f}' for k in columns if k in records[-1]),
               flush=True)
     return records
 
 
-def render_table(records: Sequence[Dict]) -> str:
+def render_table(records: Sequence[Dict], columns: Sequence[str] = COLUMNS) -> str:
     """Markdown table: top-1 (%) at sigma 0 and 25, blind PSNR (dB) at 15/25/50, wall time (per run).
 
-    With several seeds each cell is the mean ± the sample standard deviation over seeds.
+    With several seeds each cell is the mean ± the sample standard deviation over seeds. ``columns``
+    chooses other metrics (``PRESET_COLUMNS``: certified top-1 'cert_MODE_sSIGMA_rRADIUS', in %); a
+    table with certified columns also names each variant's classification training noise.
     """
-    head = '| variant | top-1 σ=0 | top-1 σ=25 | PSNR σ=15 | PSNR σ=25 | PSNR σ=50 | wall (s) |'
-    lines = [head, '|' + '---|' * 7]
+    noise = any(k.startswith('cert_') for k in columns)
+    head = ('| variant | ' + ('cls noise | ' if noise else '') + ' | '.join(_header(k) for k in columns)
+            + ' | wall (s) |')
+    lines = [head, '|' + '---|' * (len(columns) + 2 + noise)]
     for r in records:
-        cells = []
-        for k in COLUMNS:
-            digits = 1 if k.startswith('top1') else 2
+        cells = [r.get('cls_noise', '')] if noise else []
+        for k in columns:
+            digits = 1 if k.startswith(('top1', 'cert_')) else 2
             cell = f'{r[k]:.{digits}f}' if k in r else 'n/a'
             if f'{k}_std' in r:
                 cell += f' ± {r[f"{k}_std"]:.{digits}f}'
@@ -243,6 +323,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help='measure each export with python -m timm_joint.evaluate (default: the run\'s validation)')
     parser.add_argument('--seeds', type=int, nargs='+', default=[42],
                         help='train every variant once per seed; the table shows mean ± std over seeds')
+    parser.add_argument('--eval-args', default='',
+                        help='further python -m timm_joint.evaluate arguments, one quoted string after = '
+                             '(--eval-args="--certify-n 2000 --certify-images 50"); they get a results folder '
+                             'of their own')
     parser.add_argument('extra', nargs='*', help='further training arguments for every variant (after --)')
     args = parser.parse_args(argv)
     if args.steps <= 0:
@@ -251,12 +335,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error('give seeds with --seeds, not --seed after --: every run of a variant would share it')
     out = Path(args.output) / (args.name or f'{args.preset}-{args.dataset}-{args.steps}')
     out.mkdir(parents=True, exist_ok=True)
+    if args.preset in PRESET_EVAL_ARGS and not args.evaluate:
+        parser.error(f'--preset {args.preset} is measured by python -m timm_joint.evaluate: add --evaluate')
     records = run_sweep(args.preset, config=args.config, dataset=args.dataset, steps=args.steps, out=out,
-                        extra=args.extra, variants=args.variants, evaluate=args.evaluate, seeds=args.seeds)
-    table = render_table(records)
+                        extra=args.extra, variants=args.variants, evaluate=args.evaluate, seeds=args.seeds,
+                        eval_args=shlex.split(args.eval_args))
+    table = render_table(records, PRESET_COLUMNS.get(args.preset, COLUMNS))
     (out / f'{args.preset}.json').write_text(json.dumps({'schema_version': 1, 'preset': args.preset,
                                                   'dataset': args.dataset, 'steps': args.steps,
-                                                  'seeds': args.seeds,
+                                                  'seeds': args.seeds, 'eval_args': args.eval_args,
                                                   'config': args.config, 'records': records}, indent=2))
     (out / f'{args.preset}.md').write_text(table + '\n')
     print(table)

@@ -133,6 +133,9 @@ group.add_argument('--den-weighting', default='none', choices=('none', 'inv_sigm
                    help='denoising loss per image: plain mean, or weighted by 1/sigma^2 (epsilon prediction)')
 group.add_argument('--sigma-max-cls', type=float, default=50., metavar='S',
                    help='largest noise level of the classification batch, 0-255 units (sigma = S * u^2)')
+group.add_argument('--sigma-dist-cls', default='squared_uniform', choices=('squared_uniform', 'fixed'),
+                   help='classification noise: sigma = S * u^2 (squared_uniform), or sigma = --sigma-max-cls for '
+                        'every image (fixed: Cohen et al.\'s baseline for randomized smoothing; 0: clean)')
 group.add_argument('--sigma-max-den', type=float, default=100., metavar='S',
                    help='largest noise level of the denoising batch, 0-255 units (sigma = S * u^2)')
 group.add_argument('--den-batch-size', type=int, default=None, metavar='N',
@@ -266,8 +269,10 @@ def check_args(args: argparse.Namespace) -> None:
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise ValueError(f'MixUp/CutMix need an even --batch-size, got {args.batch_size}')
     for name in ('sigma_max_cls', 'sigma_max_den'):
-        if getattr(args, name) <= 0:
-            raise ValueError(f'--{name.replace("_", "-")} must be > 0 (0-255 units), got {getattr(args, name)}')
+        if getattr(args, name) <= 0 and not (name == 'sigma_max_cls' and args.sigma_dist_cls == 'fixed'
+                                             and args.sigma_max_cls == 0):
+            raise ValueError(f'--{name.replace("_", "-")} must be > 0 (0-255 units; 0 only with --sigma-dist-cls '
+                             f'fixed: clean images), got {getattr(args, name)}')
     if any(s < 0 for s in args.val_sigmas + args.val_psnr_sigmas):
         raise ValueError('--val-sigmas and --val-psnr-sigmas must be >= 0 (0-255 units)')
     if any(0 < s < 1 for s in [args.sigma_max_cls, args.sigma_max_den] + args.val_psnr_sigmas):
@@ -435,7 +440,8 @@ def create_datasets(
         split=args.train_split, download=args.dataset_download, hflip=args.hflip, scale=args.scale,
         seed=args.seed, batch_size=args.batch_size, den_batch_size=den_stage.batch_size,
         num_samples=args.train_num_samples,  # the loader workers draw each sample's training noise too
-        sigma_max_cls=from_255(args.sigma_max_cls), sigma_max_den=from_255(args.sigma_max_den))
+        sigma_max_cls=from_255(args.sigma_max_cls), sigma_max_den=from_255(args.sigma_max_den),
+        sigma_dist_cls=args.sigma_dist_cls)
     ds_eval = create_eval_dataset(args.dataset, args.data_dir, img_size=img_size, split=args.val_split,
                                   download=args.dataset_download, crop_pct=crop_pct,
                                   batch_size=args.validation_batch_size or args.batch_size,
@@ -534,6 +540,7 @@ def export_model(
                     extra_config={'timm_joint': {
                         'task': args.task, 'wrapper': type(net).__name__ == 'JointDensityWrapper',
                         'sigma_max_cls_255': args.sigma_max_cls, 'sigma_max_den_255': args.sigma_max_den,
+                        'sigma_dist_cls': args.sigma_dist_cls,
                         'lambda_den': args.lambda_den, 'lambda_den_start': args.lambda_den_start,
                         'num_updates': num_updates}})
 
