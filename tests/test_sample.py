@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import timm_joint  # noqa: F401  (registers the models)
 from timm_joint import textures
+from timm_joint.noise import sample_sigma
 from timm_joint.hub import save_pretrained
 
 dinv = pytest.importorskip('deepinv')
@@ -121,15 +122,31 @@ def test_diffusion_sampler_with_the_exact_denoiser():
 
 # -- the sampler with a small model trained briefly on textures -----------------------------------------------
 
-TRAINED_TOLERANCE_DB = 3.0  # measured 0.99, 1.57 and 1.99 dB for training seeds 0, 1, 2; the wrong rule 21.6 dB
+# The issue's 1 dB target is held by the exact denoiser above. A briefly trained network is a worse
+# denoiser, and the tolerance here is set by measurement. The earlier network (plain GroupNorm, biases:
+# GradResNet before eec22f0, measured at c5cfcaf) came within 0.99, 1.57 and 1.99 dB (training seeds 0,
+# 1, 2; a test-only loss weighting), under a tolerance of 3 dB. The paper's network (eec22f0), trained
+# with the project's plain mean, comes within 3.43, 2.72 and 5.30 dB (seeds 0, 1, 2; sampler seeds move
+# it by 0.1 dB); no recipe of this budget measured here stays within 3 dB for all three seeds (see
+# texture_model). The wrong step rule gives 21.2 dB with each of the three models, white noise of the
+# textures' variance 10.1 dB. What 6 dB cannot tell apart: another texture kind ('steep': 1.17 dB).
+TRAINED_TOLERANCE_DB = 6.0
 
 
 @pytest.fixture(scope='module')
 def texture_model():
     """gradresnet_tiny_joint trained to denoise 16 px pink textures for 600 steps of 16 (about 20 s of one
-    CPU thread): sigma log-uniform in [1/255, 1], each image's squared error weighted by
-    s_d^2 / (sigma^2 + s_d^2), s_d = 0.1 the textures' pixel std (EDM's weighting up to a constant; the
-    plain mean, dominated by the largest sigma, left the denoiser 10 dB off the spectrum after as long)."""
+    CPU thread) with the project's loss and noise law: the plain mean of the squared error, sigma =
+    sigma_max u^2 (timm_joint.noise.sample_sigma), sigma_max = 1.0 the sampler's starting level.
+
+    Measured with this network (max spectrum error over the 8 rings, training seeds 0 / 1 / 2): this
+    recipe 3.43 / 2.72 / 5.30 dB; sigma log-uniform in [1/255, 1] with the plain mean 4.09 / 6.55 (seeds
+    0, 1); with each image's error weighted by s_d^2 / (sigma^2 + s_d^2), s_d = 0.1 (the weighting used
+    with the earlier network) 5.78 / 8.69, by its square root 3.13 / 2.70 / 4.65, by 1 + s_d^2 / sigma^2
+    9.6 (seed 0). Twice the steps of 16 did not help (3.11 to 5.18 dB over three of these recipes, seed
+    0), nor did the sampler's settings (beta 0.3, h0 0.003, sigma_start 0.5); 1,200 steps of 8 with the
+    s_d weighting gave 1.88 dB (seed 0 only; 50 s on a busy machine). This recipe's denoiser is 4-7 dB
+    above the exact denoiser's error at sigma 2/255 and about 5 dB at 0.8."""
     torch.manual_seed(0)
     model = timm.create_model('gradresnet_tiny_joint', num_classes=0)
     steps = 600
@@ -139,9 +156,8 @@ def texture_model():
     model.train()
     for _ in range(steps):
         x = torch.from_numpy(textures.sample(KIND, 16, 16, rng=rng)).float()
-        sigma = (1 / 255) * 255. ** torch.rand(16, 1, 1, 1, generator=g)
-        err = (model.denoise(x + sigma * torch.randn(x.shape, generator=g)) - x).pow(2)
-        loss = (err * 0.01 / (sigma ** 2 + 0.01)).mean()
+        sigma = sample_sigma(16, 1.0, generator=g).view(-1, 1, 1, 1)
+        loss = F.mse_loss(model.denoise(x + sigma * torch.randn(x.shape, generator=g)), x)
         opt.zero_grad()
         loss.backward()
         opt.step()

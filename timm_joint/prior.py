@@ -23,8 +23,8 @@ What sigma means here:
 * the class-conditional denoiser D(y, c) = D(y) + sigma^2 grad log p(c | y) needs sigma: it weights
   the classifier's gradient (sigma in pixel units of [0, 1] images).
 
-deepinv is an optional dependency (``pip install -e ".[denoisers]"``); importing this module without it
-raises an ImportError that says so.
+deepinv (>= 0.5) is an optional dependency (``pip install -e ".[prior]"``); importing this module without
+it raises an ImportError that says so.
 """
 import numbers
 from typing import Any, Optional, Union
@@ -37,8 +37,8 @@ try:
     from deepinv.optim import RED
 except ImportError as e:  # pragma: no cover - exercised only without the optional extra
     raise ImportError(
-        'timm_joint.prior needs deepinv (an optional dependency): pip install -e ".[denoisers]" '
-        '(or pip install deepinv)') from e
+        'timm_joint.prior needs deepinv (an optional dependency): pip install -e ".[prior]" '
+        '(or pip install "deepinv>=0.5")') from e
 
 from .joint import JointDensityMixin
 

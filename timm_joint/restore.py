@@ -77,7 +77,11 @@ DPIR_MU = 0.23
 def _load_photo(name: str) -> np.ndarray:
     """One held-out photograph as uint8 [H, W, 3]."""
     if name in ('china', 'flower'):
-        from sklearn.datasets import load_sample_image
+        try:
+            from sklearn.datasets import load_sample_image
+        except ImportError as e:
+            raise ImportError(f'the held-out photograph {name!r} ships with scikit-learn: pip install -e ".[prior]" '
+                              f'(or pip install scikit-learn)') from e
         img = load_sample_image(f'{name}.jpg')
     else:
         import skimage.data
