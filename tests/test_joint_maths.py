@@ -267,13 +267,14 @@ def _homogeneous_model(**kwargs):
                                  **kwargs)
 
 
-@pytest.mark.parametrize('form', ['positions', 'pooled'])
+@pytest.mark.parametrize('kwargs', [dict(energy_form='positions'), dict(energy_form='pooled'),
+                                    dict(stem_centring=True, act_gain=10.)], ids=['positions', 'pooled', 'levers'])
 @pytest.mark.parametrize('a', [0.3, 2., 7.5])
-def test_bias_free_relu_network_is_positively_homogeneous(a, form):
+def test_bias_free_relu_network_is_positively_homogeneous(a, kwargs):
     # Path 1: the model at the scaled image a*y. Path 2: the outputs at y, scaled: E(a y) = a^2 E(y),
     # D(a y) = a D(y), logits(a y) = a logits(y) (the property that lets a bias-free denoiser work
-    # at noise levels it was not trained on).
-    model = _homogeneous_model(energy_form=form)
+    # at noise levels it was not trained on). The stem's centring is linear, and a gain leaves ReLU as is.
+    model = _homogeneous_model(**kwargs)
     y = rand_images(3, 3, H, W) + 0.2 * torch.randn(3, 3, H, W, dtype=torch.float64,
                                                       generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(model.energy(a * y), a ** 2 * model.energy(y), rtol=1e-9, atol=0)

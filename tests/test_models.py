@@ -15,7 +15,7 @@ from timm.models import FeatureListNet, group_parameters
 
 import timm_joint
 from timm_joint.losses import JointLoss, JointObjective
-from timm_joint.models.gradresnet import GroupNormScale, ScaleGroupNorm
+from timm_joint.models.gradresnet import ChannelCentring, GroupNormScale, ScaledAct, ScaleGroupNorm
 
 from conftest import make_small_gradresnet, rand_images
 
@@ -247,6 +247,8 @@ ABLATIONS = {
     'heads': ('separate', lambda m: m.energy_head is not None and len(m.energy_head.maps) == 3
               and m.num_features == 64),
     'energy_form': ('pooled', lambda m: m.energy_form == 'pooled'),
+    'act_gain': (10., lambda m: isinstance(m.stages[0][0].act1, ScaledAct) and m.stages[0][0].act1.gain == 10.),
+    'stem_centring': (True, lambda m: isinstance(m.stem[1], ChannelCentring)),
 }
 
 
@@ -414,3 +416,26 @@ def test_a_new_export_names_its_architecture_and_reloads_exactly(tmp_path):
     y = rand_images(2, 3, 13, 11, dtype=torch.float32)
     torch.testing.assert_close(loaded.denoise(y), model.denoise(y), rtol=0, atol=0)
     torch.testing.assert_close(loaded(y), model(y), rtol=0, atol=0)
+
+
+def test_scaled_activation_narrows_the_bend_and_keeps_the_scale():
+    # Path 1: ScaledAct(GELU, g). Path 2: GELU written out at g*x, divided by g. For large |x| both tend to
+    # ReLU; near 0 the slope of the scaled one changes g times faster.
+    import math
+    x = torch.linspace(-3, 3, 61, dtype=torch.float64)
+    gelu = lambda t: 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))  # noqa: E731
+    act = ScaledAct(nn.GELU(), 10.)
+    torch.testing.assert_close(act(x), gelu(10 * x) / 10)
+    torch.testing.assert_close(act(x)[x.abs() > 1], torch.relu(x)[x.abs() > 1], atol=1e-12, rtol=0)
+    relu = ScaledAct(nn.ReLU(), 10.)
+    torch.testing.assert_close(relu(x), torch.relu(x))  # positively homogeneous: unchanged
+
+
+def test_stem_centring_removes_a_learned_fraction_of_each_channels_mean():
+    c = ChannelCentring(4).double()
+    x = rand_images(2, 4, 5, 6)
+    torch.testing.assert_close(c(x).mean((2, 3)), torch.zeros(2, 4, dtype=torch.float64), atol=1e-15, rtol=0)
+    with torch.no_grad():
+        c.alpha.copy_(torch.tensor([0., 0.5, 1., 2.]))
+    expected = x - torch.tensor([0., 0.5, 1., 2.], dtype=torch.float64).view(1, 4, 1, 1) * x.mean((2, 3), keepdim=True)
+    torch.testing.assert_close(c(x), expected)

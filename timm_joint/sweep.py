@@ -50,16 +50,24 @@ PRESETS: Dict[str, List[Tuple[str, List[str]]]] = {
                                                        '--model-kwargs', 'width=8', 'num_blocks=1']),
         _DEN, _JOINT,
     ],
-    # DESIGN §3: the weight of the denoising term and its schedule, the noise ranges, the norm placement.
+    # The loss: the paper's unweighted sum (both readings of its mean-squared error), the constant weights
+    # and the ramp of earlier versions, and the energy's two size-consistent forms.
+    'loss': [
+        _JOINT,
+        ('unweighted, per-pixel mean', ['--lambda-den-start', 'none', '--lambda-den', '1']),
+        ('unweighted, per-image sum', ['--lambda-den-start', 'none', '--lambda-den', '1', '--den-reduction', 'sum']),
+        ('lambda 100, constant', ['--lambda-den-start', 'none', '--lambda-den', '100']),
+        ('lambda 300, constant', ['--lambda-den-start', 'none', '--lambda-den', '300']),
+        ('lambda 10 -> 200', ['--lambda-den-start', '10', '--lambda-den', '200']),
+        ('energy pooled', ['--model-kwargs', 'energy_form=pooled']),
+    ],
+    # DESIGN §3: the noise ranges and the norm's group size.
     'design': [
-        _JOINT, _RESNET18,
-        ('lambda 10, constant', ['--lambda-den-start', '10', '--lambda-den', '10']),
-        ('lambda 100, constant', ['--lambda-den-start', '100', '--lambda-den', '100']),
-        ('lambda 10 -> 100', ['--lambda-den-start', '10', '--lambda-den', '100']),
-        ('lambda 10 -> 1000', ['--lambda-den-start', '10', '--lambda-den', '1000']),
-        ('norm after every conv', ['--model-kwargs', 'norm_position=conv']),
+        _JOINT,
         ('sigma_max_cls 25', ['--sigma-max-cls', '25']),
         ('sigma_max_den 200', ['--sigma-max-den', '200']),
+        ('group size 16', ['--model-kwargs', 'group_size=16']),
+        ('norm after every conv', ['--model-kwargs', 'norm_position=conv']),
     ],
     # Certified robustness by randomized smoothing (issue 16): the joint model (its own noisy classifier and
     # denoised smoothing), classification only, and timm's resnet18 trained on clean images and with Gaussian
@@ -71,14 +79,26 @@ PRESETS: Dict[str, List[Tuple[str, List[str]]]] = {
         ('timm resnet18, noise 25 (Cohen et al.)', ['--task', 'classification', '--model', 'resnet18',
                                                     '--sigma-dist-cls', 'fixed', '--sigma-max-cls', '25']),
     ],
-    # The paper's ablations (Table 3), each one flag away from the default.
+    # The paper's ablations (Table 3), each one flag away from the default, and the parts of the network
+    # of earlier versions (a plain GroupNorm, the norm before the block's GELU, an energy head apart from the
+    # classifier), alone and together.
     'ablations': [
         _JOINT,
-        ('bias-free', ['--model-kwargs', 'bias=False']),
-        ('bias-free, norm shifts kept', ['--model-kwargs', 'bias=False', 'norm_bias=True']),
+        ('biases', ['--model-kwargs', 'bias=True']),
         ('ReLU', ['--model-kwargs', 'act_layer=relu']),
         ('BatchNorm', ['--model-kwargs', 'norm_layer=batchnorm', 'norm_position=conv']),
-        ('no side connections', ['--model-kwargs', 'side_energy=False']),
+        ('no side connections', ['--model-kwargs', 'side_connections=False']),
+        ('plain GroupNorm', ['--model-kwargs', 'norm_layer=groupnorm']),
+        ('norm before the GELU', ['--model-kwargs', 'norm_position=end']),
+        ('separate heads', ['--model-kwargs', 'heads=separate']),
+        ('earlier network', ['--model-kwargs', 'norm_layer=groupnorm', 'norm_position=end', 'bias=True',
+                             'heads=separate']),
+        ('texture levers', ['--model-kwargs', 'act_gain=10', 'stem_centring=True']),
+    ],
+    # Mohan et al.'s reason to remove biases: denoising beyond the training range (sigma_max_den 100).
+    'generalization': [
+        _DEN,
+        ('denoising only, biases', ['--task', 'denoising', '--model-kwargs', 'bias=True']),
     ],
 }
 
@@ -94,24 +114,27 @@ COLUMNS = ('top1_s0', 'top1_s25', 'psnr_s15', 'psnr_s25', 'psnr_s50')
 # flags win), and the columns of its table. Certification at n = 10,000 and alpha = 0.001 reaches radius
 # 0.31 at sigma 25 (n = 1,000 stops at 0.24, short of the 0.25 the issue compares at).
 PRESET_EVAL_ARGS: Dict[str, List[str]] = {
+    'generalization': ['--psnr-sigmas', '15', '25', '50', '100', '150', '200'],
     'certify': ['--certify', '--certify-sigmas', '25', '--certify-n', '10000', '--certify-n0', '100',
                 '--certify-alpha', '0.001', '--certify-images', '100', '--certify-mode', 'both'],
 }
 PRESET_COLUMNS: Dict[str, Tuple[str, ...]] = {
+    'generalization': ('psnr_s25', 'psnr_s50', 'psnr_s100', 'psnr_s150', 'psnr_s200'),
     # r = 0.5 is out of reach at sigma 25 with n = 10,000 (the largest certifiable radius is 0.31).
     'certify': ('top1_s0', 'top1_s25', 'cert_own_s25_r0', 'cert_own_s25_r0.25', 'cert_denoised_s25_r0',
                 'cert_denoised_s25_r0.25'),
 }
-_HEADERS = {'top1_s0': 'top-1 σ=0', 'top1_s25': 'top-1 σ=25', 'psnr_s15': 'PSNR σ=15', 'psnr_s25': 'PSNR σ=25',
-            'psnr_s50': 'PSNR σ=50'}
-
 
 def _header(key: str) -> str:
-    """'cert_own_s25_r0.25' -> 'own, σ=25, r=0.25' (certified top-1); the others from _HEADERS."""
+    """'cert_own_s25_r0.25' -> 'own, σ=25, r=0.25' (certified top-1), 'psnr_s150' -> 'PSNR σ=150',
+    'top1_s50' -> 'top-1 σ=50'."""
     if key.startswith('cert_'):
         mode, sigma, radius = key[len('cert_'):].rsplit('_', 2)
         return f'{mode}, σ={sigma[1:]}, r={radius[1:]}'
-    return _HEADERS.get(key, key)
+    for prefix, label in (('psnr_s', 'PSNR'), ('top1_s', 'top-1')):
+        if key.startswith(prefix):
+            return f'{label} σ={key[len(prefix):]}'
+    return key
 
 
 def _read_summary(run_dir: Path) -> Optional[Dict[str, float]]:

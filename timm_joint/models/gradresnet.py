@@ -44,7 +44,7 @@ from timm.models._features import feature_take_indices
 
 from ..joint import EnergyHead, JointDensityMixin
 
-__all__ = ['GradResNet', 'BasicBlock', 'ScaleGroupNorm', 'GroupNormScale', 'HF_HUB_ORG', 'LEGACY_ARGS',
+__all__ = ['GradResNet', 'BasicBlock', 'ScaleGroupNorm', 'GroupNormScale', 'ScaledAct', 'ChannelCentring', 'HF_HUB_ORG', 'LEGACY_ARGS',
            'upgrade_model_args']
 
 # The one place that names the Hugging Face Hub organisation the pretrained weights live under.
@@ -159,6 +159,48 @@ def _make_norm(norm_layer: Callable, num_channels: int, bias: bool, dd: Dict[str
     return norm
 
 
+class ScaledAct(nn.Module):
+    """act(gain * x) / gain: the activation's transition narrowed to 1 / gain in the features' units.
+
+    GELU bends over about one unit around 0. With a norm that keeps the image's scale, a feature map of a
+    low-contrast image (a texture of pixel std 0.1) stays within that unit, where GELU is nearly linear,
+    and the network cannot measure how the image's energy spreads over its filters (what telling
+    textures apart needs). The gain narrows the bend without changing the output's scale (and ReLU,
+    positively homogeneous, is unchanged by it).
+    """
+
+    def __init__(self, act: nn.Module, gain: float):
+        super().__init__()
+        self.act = act
+        self.gain = float(gain)
+
+    @classmethod
+    def from_layer(cls, act_layer: Callable, gain: float) -> 'ScaledAct':
+        return cls(act_layer(), gain)
+
+    def extra_repr(self) -> str:
+        return f'gain={self.gain}'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x * self.gain) / self.gain
+
+
+class ChannelCentring(nn.Module):
+    """x_c - alpha_c * mean_hw(x_c), per image and channel, with a learned alpha (1 at initialisation).
+
+    Linear in x (so the network stays bias-free and homogeneous). After the stem's conv it removes the
+    image's mean colour from each channel, which otherwise sets every activation's operating point and
+    drowns the texture's fluctuations; alpha lets training keep as much of the mean as it needs.
+    """
+
+    def __init__(self, num_channels: int, device=None, dtype=None):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.alpha.reshape(1, -1, 1, 1) * x.mean((2, 3), keepdim=True)
+
+
 NORM_POSITIONS = ('block', 'end', 'conv')
 
 
@@ -244,6 +286,9 @@ class GradResNet(JointDensityMixin, nn.Module):
         heads: 'shared' (both heads read phi, the paper's) or 'separate' (earlier versions: the
             classifier reads the pooled final map, the energy square 1x1 maps of every stage's output).
         energy_form: 'positions' or 'pooled' (see the module docstring); both are size-consistent.
+        act_gain: Every activation computes act(act_gain * x) / act_gain (``ScaledAct``); 1 for plain GELU.
+        stem_centring: Subtract from each stem channel a learned fraction of its per-image spatial mean,
+            before the stem's activation (``ChannelCentring``).
         energy_init_scale: Initial scale of the separate energy head's maps (``heads='separate'``).
         side_energy: Old name of ``side_connections`` (exports of earlier versions use it).
         global_pool: Classifier pooling type.
@@ -268,6 +313,8 @@ class GradResNet(JointDensityMixin, nn.Module):
             side_ratio: float = 0.5,
             heads: str = 'shared',
             energy_form: str = 'positions',
+            act_gain: float = 1.,
+            stem_centring: bool = False,
             energy_init_scale: float = 0.1,
             side_energy: Optional[bool] = None,
             global_pool: str = 'avg',
@@ -293,6 +340,8 @@ class GradResNet(JointDensityMixin, nn.Module):
             raise ValueError(f'side_ratio must be in (0, 1], got {side_ratio}')
         if side_energy is not None:
             side_connections = side_energy
+        if act_gain <= 0:
+            raise ValueError(f'act_gain must be > 0, got {act_gain}')
         act_name = act_layer if isinstance(act_layer, str) else getattr(act_layer, '__name__', str(act_layer))
         norm_name = norm_layer if isinstance(norm_layer, str) else getattr(norm_layer, '__name__', str(norm_layer))
         # The constructor arguments that define the architecture: an export records them all (nanoGPT's
@@ -301,8 +350,11 @@ class GradResNet(JointDensityMixin, nn.Module):
             layers=list(layers), channels=list(channels), stem=str(stem), act_layer=str(act_name).lower(),
             norm_layer=str(norm_name), group_size=group_size, norm_position=norm_position, bias=bias,
             norm_bias=bias if norm_bias is None else norm_bias, side_connections=side_connections,
-            side_ratio=side_ratio, heads=heads, energy_form=energy_form)
+            side_ratio=side_ratio, heads=heads, energy_form=energy_form, act_gain=act_gain,
+            stem_centring=stem_centring)
         act_layer = get_act_layer(act_layer) if isinstance(act_layer, str) else act_layer
+        if act_gain != 1.:
+            act_layer = partial(ScaledAct.from_layer, act_layer, act_gain)
         norm_layer = _resolve_norm(norm_layer, group_size)
         norm_bias = bias if norm_bias is None else norm_bias
         self.num_classes = num_classes
@@ -323,6 +375,8 @@ class GradResNet(JointDensityMixin, nn.Module):
         stem_layers = [stem_conv]
         if norm_position == 'conv':
             stem_layers.append(_make_norm(norm_layer, channels[0], norm_bias, dd))
+        if stem_centring:
+            stem_layers.append(ChannelCentring(channels[0], **dd))
         stem_layers.append(act_layer())
         self.stem = nn.Sequential(*stem_layers)
         self.feature_info = [dict(num_chs=channels[0], reduction=stem_stride, module=f'stem.{len(stem_layers) - 1}')]
