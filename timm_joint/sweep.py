@@ -95,6 +95,17 @@ PRESETS: Dict[str, List[Tuple[str, List[str]]]] = {
                              'heads=separate']),
         ('texture levers', ['--model-kwargs', 'act_gain=10', 'stem_centring=True']),
     ],
+    # The texture task (--dataset textures): per-image statistics against BatchNorm's batch statistics,
+    # and the two levers that let the per-image network measure a texture's spectrum.
+    'textures': [
+        _CLS, _JOINT,
+        ('classification only, BatchNorm', ['--task', 'classification', '--model-kwargs', 'norm_layer=batchnorm',
+                                            'norm_position=conv']),
+        ('joint, BatchNorm', ['--model-kwargs', 'norm_layer=batchnorm', 'norm_position=conv']),
+        ('classification only, texture levers', ['--task', 'classification', '--model-kwargs', 'act_gain=10',
+                                                 'stem_centring=True']),
+        ('joint, texture levers', ['--model-kwargs', 'act_gain=10', 'stem_centring=True']),
+    ],
     # Mohan et al.'s reason to remove biases: denoising beyond the training range (sigma_max_den 100).
     'generalization': [
         _DEN,
