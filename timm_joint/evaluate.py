@@ -27,18 +27,18 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from . import metrics
-from .joint import JointDensityMixin, JointDensityWrapper
+from .io import atomic_write, load_model
+from .joint import JointDensityMixin
 from .robustness import (
     ATTACKS, CERTIFY_MODES, DEFAULT_EPSILONS, ROBUSTBENCH_EPSILONS, certify_grid, certify_modes, check_certify_args,
     check_levels, fixed_eval_noise, level_key, robust_accuracy_grid,
@@ -52,197 +52,12 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 NA = 'n/a'
-WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'open_clip_pytorch_model.bin')
 # Keys of the denoising batch's largest noise level, in the 0-255 convention of configs and command
 # lines: the export's config.json (timm_joint.sigma_max_den_255) and train_joint.py's args.yaml.
 _SIGMA_MAX_KEYS = ('sigma_max_den_255', 'sigma_max_den', 'den_sigma_max')
 
 
 # -- models ------------------------------------------------------------------------------------------
-
-class _PixelInput(nn.Module):
-    """A plain timm classifier fed [0, 1] pixels: applies its configured mean/std inside."""
-
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.model = model
-        self.num_classes = getattr(model, 'num_classes', 0)
-        self.pretrained_cfg = getattr(model, 'pretrained_cfg', {})
-        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean.to(x)) / self.std.to(x))
-
-
-def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
-    if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    try:
-        sd = torch.load(str(path), map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ValueError(f'could not read checkpoint {str(path)!r} as a weights-only state dict: {e}') from e
-    for key in ('state_dict', 'model', 'state_dict_ema'):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f'checkpoint {str(path)!r} is not a state dict of tensors')
-    return {k[7:] if k.startswith('module.') else k: v for k, v in sd.items()}
-
-
-def _check_fits(model: nn.Module, sd: Dict[str, torch.Tensor], source: str, model_name: str) -> None:
-    """Refuse a state dict that does not fit the model, listing what differs."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f'{k}: checkpoint {list(sd[k].shape)} vs model {list(own[k].shape)}'
-              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
-            if items:
-                more = f' (+{len(items) - 5} more)' if len(items) > 5 else ''
-                parts.append(f'{label}: {", ".join(items[:5])}{more}')
-        raise ValueError(
-            f'the checkpoint {source!r} does not fit model {model_name!r}: ' + '; '.join(parts)
-            + '. Check --model (and --num-classes) against the checkpoint.')
-
-
-def _base_arch(name: str) -> str:
-    return name.split('.')[0]
-
-
-def _num_classes_from(sd: Dict[str, torch.Tensor], model_name: str) -> Optional[int]:
-    import timm
-    try:
-        cfg = timm.models.get_pretrained_cfg(_base_arch(model_name)) or {}
-        classifier = cfg.classifier if hasattr(cfg, 'classifier') else cfg.get('classifier')
-    except Exception:
-        classifier = None
-    for prefix in ([classifier] if classifier else []) + ['fc', 'head', 'head.fc', 'classifier']:
-        for key in (f'{prefix}.weight', f'model.{prefix}.weight'):
-            if key in sd and sd[key].ndim == 2:
-                return int(sd[key].shape[0])
-    return None
-
-
-def _finish(model: nn.Module, sd: Dict[str, torch.Tensor], source: str, model_name: str) -> nn.Module:
-    # An export of a JointDensityWrapper holds the timm model under 'model.' and an energy head.
-    if any(k.startswith('energy_head.') for k in sd) and not isinstance(model, JointDensityMixin):
-        model = JointDensityWrapper(model, warn_untrained=False)
-    _check_fits(model, sd, source, model_name)
-    model.load_state_dict(sd, strict=True)
-    return model
-
-
-def load_model(
-        model_name: str,
-        checkpoint: Optional[str] = None,
-        *,
-        num_classes: Optional[int] = None,
-        device: Union[str, torch.device] = 'cpu',
-) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build a model and load its weights, refusing a checkpoint that does not fit.
-
-    ``checkpoint`` is an export folder (``config.json`` + ``model.safetensors``, as ``hub.save_pretrained``
-    writes), ``local-dir:PATH``, ``hf-hub:ORG/NAME``, or a state-dict file (.safetensors, or a
-    .pth/.pt/.bin read with ``weights_only=True``). Without one, ``model_name`` itself may be a
-    ``local-dir:``/``hf-hub:`` name; a plain registry name gets its pretrained weights.
-
-    Every model returned takes [0, 1] pixels. A plain classifier (not a ``JointDensityMixin``) with
-    weights from elsewhere (the timm registry, the Hub, a folder without train_joint.py's
-    ``timm_joint`` entry in its config.json) gets its configured mean/std applied inside; one trained
-    by train_joint.py (an export with that entry, or a state-dict file) saw raw pixels in training
-    and is used as is.
-
-    Returns:
-        (model in eval mode on ``device``, info: name, checkpoint, architecture, config).
-
-    Raises:
-        ValueError: a missing folder or file, an architecture other than ``model_name``, or a state
-            dict with missing, unexpected or mis-shaped tensors.
-    """
-    import timm
-    import timm_joint  # noqa: F401  (registers the GradResNet names)
-
-    info: Dict[str, Any] = {'name': model_name, 'checkpoint': checkpoint, 'config': None, 'folder': None}
-    raw_pixels = False  # trained on [0, 1] pixels by this project, whatever its config's mean/std says
-    source = checkpoint
-    if checkpoint is None and model_name.startswith(('local-dir:', 'hf-hub:')):
-        source = model_name
-    info['source'] = source
-    if source is not None and source.startswith('hf-hub:'):
-        try:
-            model = timm.create_model(source, pretrained=True, **({'num_classes': num_classes} if num_classes else {}))
-        except RuntimeError as e:
-            if 'state_dict' in str(e) or 'size mismatch' in str(e):
-                raise ValueError(f'the checkpoint {source!r} does not fit model {model_name!r}: {e}') from e
-            raise
-        info['architecture'] = getattr(model, 'pretrained_cfg', {}).get('architecture', model_name)
-    elif source is not None:
-        path = Path(source[len('local-dir:'):] if source.startswith('local-dir:') else source)
-        if not path.exists():
-            raise ValueError(f'checkpoint {str(path)!r} does not exist')
-        if path.is_dir():
-            cfg_path = path / 'config.json'
-            weights = [path / w for w in WEIGHT_FILES if (path / w).exists()]
-            if not cfg_path.exists() or not weights:
-                raise ValueError(
-                    f'checkpoint folder {str(path)!r} must hold config.json and model.safetensors '
-                    f'(an export written by timm_joint.hub.save_pretrained)')
-            config = json.loads(cfg_path.read_text())
-            arch = config.get('architecture') or model_name
-            if model_name.startswith(('local-dir:', 'hf-hub:')):
-                model_name = arch
-            if _base_arch(arch) != _base_arch(model_name):
-                raise ValueError(
-                    f'the checkpoint {str(path)!r} holds a {arch!r}, which does not fit --model {model_name!r}')
-            from .models.gradresnet import upgrade_model_args
-            kwargs = upgrade_model_args(config.get('model_args') or {}, arch)
-            n_cls = num_classes or config.get('num_classes')
-            if n_cls is not None:
-                kwargs['num_classes'] = n_cls
-            pcfg = dict(config.get('pretrained_cfg') or {})
-            model = timm.create_model(model_name, pretrained=False, pretrained_cfg_overlay=pcfg, **kwargs)
-            sd = _read_state_dict(weights[0])
-            info.update(config=config, folder=str(path))
-            raw_pixels = 'timm_joint' in config
-        else:
-            sd = _read_state_dict(path)
-            n_cls = num_classes or _num_classes_from(sd, model_name)
-            model = timm.create_model(model_name, pretrained=False, **({'num_classes': n_cls} if n_cls else {}))
-            info['folder'] = str(path.parent)
-            raw_pixels = True
-        model = _finish(model, sd, str(path), model_name)
-        info['architecture'] = model_name
-    else:
-        try:
-            model = timm.create_model(model_name, pretrained=True, **({'num_classes': num_classes} if num_classes else {}))
-        except Exception as e:
-            if not _is_download_error(e):
-                raise
-            raise ValueError(
-                f'could not get pretrained weights for {model_name!r} ({type(e).__name__}: {e}). Offline or '
-                f'unpublished: pass a checkpoint (an export folder written by train_joint.py, local-dir:PATH, '
-                f'or a state-dict file)') from e
-        info['architecture'] = model_name
-
-    if not isinstance(model, JointDensityMixin) and not raw_pixels:
-        cfg = getattr(model, 'pretrained_cfg', {}) or {}
-        mean, std = tuple(cfg.get('mean', (0., 0., 0.))), tuple(cfg.get('std', (1., 1., 1.)))
-        if any(m != 0 for m in mean) or any(s != 1 for s in std):
-            model = _PixelInput(model, mean, std)
-    info['num_params'] = int(sum(p.numel() for p in model.parameters()))
-    return model.to(device).eval(), info
-
-
-def _is_download_error(e: Exception) -> bool:
-    mod = (type(e).__module__ or '').split('.')[0]
-    return (isinstance(e, (OSError, ConnectionError, TimeoutError)) or mod in ('huggingface_hub', 'requests', 'httpx')
-            or (isinstance(e, RuntimeError) and 'pretrained weights' in str(e)))
-
 
 def _model_cfg(model: nn.Module) -> Dict[str, Any]:
     cfg = getattr(model, 'pretrained_cfg', None) or {}
@@ -808,8 +623,8 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     results['figures'] = [str(Path(p).relative_to(out_dir)) for p in written]
     results['command'] = args.command
     validate_results(results)
-    _write_atomic(out_dir / 'results.md', render_markdown(results), overwrite=True)
-    _write_atomic(results_path, json.dumps(results, indent=2, allow_nan=False) + '\n', overwrite=args.overwrite)
+    atomic_write(out_dir / 'results.md', render_markdown(results))
+    atomic_write(results_path, json.dumps(results, indent=2, allow_nan=False) + '\n', overwrite=args.overwrite)
     return results
 
 
@@ -840,16 +655,6 @@ def _outside_cls_range(sigma_keys: Sequence[str], cls_noise: Dict[str, Any]) -> 
     if cls_noise.get('sigma_dist_cls') == 'fixed':
         return [k for k in sigma_keys if abs(float(k) - top) > 1e-6]
     return [k for k in sigma_keys if float(k) > top + 1e-6]
-
-
-def _write_atomic(path: Path, text: str, *, overwrite: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    tmp.write_text(text)
-    if not overwrite and path.exists():
-        tmp.unlink()
-        raise FileExistsError(f'{path} appeared while evaluating: refusing to overwrite it (pass --overwrite)')
-    os.replace(tmp, path)
 
 
 # -- results: schema and Markdown ---------------------------------------------------------------------

@@ -11,8 +11,9 @@ optionally uploads it::
     python -m timm_joint.hub publish --checkpoint runs/NAME/export/best \\
         --results results/NAME.json --out hub/NAME --push --repo-id ORG/NAME
 
-Every number in the card comes from ``results.json``. Weights are only ever read from safetensors,
-or with ``torch.load(weights_only=True)``, which refuses pickles that would run code. The Hub token
+Every number in the card comes from ``results.json``. Weights are only ever read by
+``timm_joint.io.read_state_dict``: safetensors, or ``torch.load(weights_only=True)``, which refuses
+pickles that would run code. Models load with ``timm_joint.io.load_model``. The Hub token
 is left to huggingface_hub (``HF_TOKEN`` or ``hf auth login``): it is never printed, and a
 published folder that contains it is refused.
 """
@@ -20,12 +21,10 @@ import argparse
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import string
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -33,23 +32,21 @@ import torch
 import torch.nn as nn
 import yaml
 from huggingface_hub import HfApi
-from safetensors.torch import load_file, save_file
 
+from .io import (
+    REPO_ID, SAFE_WEIGHTS, atomic_dir, check_fits, create_from_config, read_config, read_state_dict, write_state_dict,
+)
 from .resources import resource_dir
 
 __all__ = [
-    'save_pretrained', 'atomic_replace_dir', 'load_export', 'load_results', 'validate_results',
-    'results_table', 'render_model_card', 'publish', 'push_to_hub', 'load_model', 'main',
+    'save_pretrained', 'load_export', 'load_results', 'validate_results',
+    'results_table', 'render_model_card', 'publish', 'push_to_hub', 'main',
 ]
 
 # Templates live in hub_cards/ at the repository root; a wheel carries them inside the package.
 CARD_DIR = resource_dir('hub_cards')
 CARD_TEMPLATE = CARD_DIR / 'model_card.md'
 
-# Weight files a folder may hold, in the order they are looked for; only the first is a safe format,
-# the others are read with torch.load(weights_only=True).
-SAFE_WEIGHTS = 'model.safetensors'
-PICKLE_WEIGHTS = ('pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
 PUBLISHED_FILES = ('README.md', 'config.json', SAFE_WEIGHTS)
 
 CITATION = """@article{thiry2024classification,
@@ -71,7 +68,6 @@ _DATASETS = {
 
 # Keys of a recorded training configuration that must never reach a card.
 _SECRET_KEY = re.compile(r'token|secret|password|passwd|api_?key|credential|auth', re.IGNORECASE)
-_REPO_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$')
 
 
 def _jsonable(value: Any) -> Any:
@@ -82,23 +78,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
-
-
-def atomic_replace_dir(tmp_dir: Union[str, Path], final_dir: Union[str, Path]) -> None:
-    """Move a fully written ``tmp_dir`` to ``final_dir``, replacing it without ever losing both.
-
-    The old folder is first renamed aside, then the new one renamed in, then the old one removed:
-    a kill at any point leaves either the old or the new folder whole (at worst under ``.old``).
-    """
-    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
-    old = final_dir.with_name(final_dir.name + '.old')
-    if old.exists():
-        shutil.rmtree(old)
-    if final_dir.exists():
-        os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def save_pretrained(
@@ -141,74 +120,21 @@ def save_pretrained(
         'model_args': _jsonable({**(getattr(model, 'arch_args', None) or {}), **(model_args or {})}),
     }
     config.update(_jsonable(extra_config or {}))
-    tensors = {k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.tmp-', dir=path.parent))
-    try:
-        save_file(tensors, str(tmp / 'model.safetensors'), metadata={'format': 'pt'})
+    with atomic_dir(path) as tmp:
+        write_state_dict(model.state_dict(), tmp / SAFE_WEIGHTS)
         with open(tmp / 'config.json', 'w') as f:
             json.dump(config, f, indent=2)
-        atomic_replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
 # -- reading an export ------------------------------------------------------------------------------
 
-def _read_config(folder: Path) -> Dict[str, Any]:
-    cfg_file = folder / 'config.json'
-    if not cfg_file.is_file():
-        raise FileNotFoundError(
-            f'{folder} has no config.json: expected a folder written by timm_joint.hub.save_pretrained '
-            f'(e.g. runs/NAME/export/best)')
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{cfg_file} is not valid JSON: {e}') from e
-    if not isinstance(config, dict):
-        raise ValueError(f'{cfg_file}: expected a JSON object, got {type(config).__name__}')
-    for key, kind in (('architecture', str), ('num_classes', int), ('pretrained_cfg', dict)):
-        if key not in config:
-            raise ValueError(f"{cfg_file}: missing key '{key}' (timm's config.json format)")
-        if not isinstance(config[key], kind) or isinstance(config[key], bool):
-            raise ValueError(f"{cfg_file}: '{key}' must be a {kind.__name__}, got {config[key]!r}")
-    if not isinstance(config.get('model_args', {}), dict):
-        raise ValueError(f"{cfg_file}: 'model_args' must be an object, got {config['model_args']!r}")
-    return config
-
-
-def _read_weights(folder: Path) -> Tuple[Dict[str, torch.Tensor], Path]:
-    safe = folder / SAFE_WEIGHTS
-    if safe.is_file():
-        return load_file(str(safe), device='cpu'), safe
-    for name in PICKLE_WEIGHTS:
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            # weights_only=True: the unpickler accepts tensors and plain containers only, so a pickle
-            # that would import and call anything (os.system, open, ...) is refused before it runs.
-            state_dict = torch.load(str(path), map_location='cpu', weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
-            raise ValueError(
-                f'refused to load {path}: it is not a plain tensor checkpoint (torch.load with '
-                f'weights_only=True rejected it: {type(e).__name__}). Only safetensors files or pickles '
-                f'of tensors are read; re-export trusted weights with save_pretrained.') from e
-        if not isinstance(state_dict, dict) or not all(
-                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
-            raise ValueError(f'{path}: expected a flat state dict of named tensors')
-        return state_dict, path
-    raise FileNotFoundError(
-        f'no weights in {folder}: expected {SAFE_WEIGHTS} (written by save_pretrained) '
-        f'or one of {", ".join(PICKLE_WEIGHTS)}')
-
-
 def load_export(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Read a folder written by ``save_pretrained`` and check that its weights rebuild the model.
 
     Weights come from ``model.safetensors``, or from a ``.bin``/``.pth`` read with
-    ``torch.load(weights_only=True)`` (a pickle that would run code is refused with a ValueError).
+    ``torch.load(weights_only=True)`` (``io.read_state_dict``: a pickle that would run code is refused
+    with a ValueError).
     The architecture is rebuilt from ``config.json`` and the weights loaded strictly, so a folder
     whose config and weights disagree fails here rather than on a user's machine.
 
@@ -221,31 +147,18 @@ def load_export(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[s
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f'checkpoint folder {folder} does not exist (expected e.g. runs/NAME/export/best)')
-    config = _read_config(folder)
-    state_dict, weights_file = _read_weights(folder)
-    _check_rebuilds(config, state_dict, weights_file)
-    return state_dict, config
-
-
-def _check_rebuilds(config: Dict[str, Any], state_dict: Dict[str, torch.Tensor], source: Path) -> None:
+    config = read_config(folder)
+    state_dict = read_state_dict(folder)
     import timm  # the registry: importing this package already registered GradResNet
     arch = config['architecture']
     if not timm.is_model(arch):
         raise ValueError(f"config.json names architecture {arch!r}, which timm does not know "
                          f"(is the package that registers it imported?)")
-    from .models.gradresnet import upgrade_model_args
-    kwargs = upgrade_model_args(config.get('model_args') or {}, arch)
-    kwargs.setdefault('num_classes', config['num_classes'])
-    # Structure only: the meta device allocates nothing; keys and shapes are compared below.
-    model = timm.create_model(arch, pretrained=False, device='meta', **kwargs)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(expected[k].shape) != tuple(state_dict[k].shape))
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f'{source} does not match {arch}({kwargs}): missing {missing[:5]}, unexpected {unexpected[:5]}, '
-            f'wrong shape {wrong[:5]}')
+    # Structure only: the meta device allocates nothing; keys and shapes are compared.
+    model = create_from_config(config, device='meta')
+    check_fits(model.state_dict(), state_dict, source=f'the weights in {folder}',
+               target=f'{arch}({config.get("model_args")})')
+    return state_dict, config
 
 
 # -- results.json ---------------------------------------------------------------------------------
@@ -630,7 +543,7 @@ def _assert_no_secret(folder: Path, extra_tokens: Sequence[str] = ()) -> None:
 
 
 def _check_repo_id(repo_id: str) -> str:
-    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or '..' in repo_id or len(repo_id) > 96:
+    if not isinstance(repo_id, str) or not REPO_ID.match(repo_id) or '..' in repo_id or len(repo_id) > 96:
         raise ValueError(f'repo id must look like ORG/NAME (letters, digits, ".", "_", "-"), got {repo_id!r}')
     return repo_id
 
@@ -673,22 +586,15 @@ def publish(
     repo_id = _check_repo_id(repo_id if repo_id is not None else default_repo_id(config, res))
     card = render_model_card(config, res, repo_id=repo_id, checkpoint=checkpoint, template=template)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         if (checkpoint / SAFE_WEIGHTS).is_file():
             shutil.copyfile(checkpoint / SAFE_WEIGHTS, tmp / SAFE_WEIGHTS)  # the very bytes that were verified
         else:
-            tensors = {k: v.contiguous() for k, v in state_dict.items()}
-            save_file(tensors, str(tmp / SAFE_WEIGHTS), metadata={'format': 'pt'})
+            write_state_dict(state_dict, tmp / SAFE_WEIGHTS)
         with open(tmp / 'config.json', 'w') as f:
             json.dump(config, f, indent=2)
         (tmp / 'README.md').write_text(card)
         _assert_no_secret(tmp)
-        atomic_replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -771,30 +677,6 @@ def push_to_hub(
     url = getattr(commit, 'commit_url', None) or f'https://huggingface.co/{repo_id}'
     print_fn(f'uploaded {len(files)} files to {repo_id} ({visibility}): {url}')
     return url
-
-
-# -- load -----------------------------------------------------------------------------------------
-
-def load_model(path_or_id: Union[str, Path], **kwargs) -> nn.Module:
-    """Create a model with weights through timm's own loaders.
-
-    Args:
-        path_or_id: A local folder (``local-dir:``), ``ORG/NAME`` or ``hf-hub:ORG/NAME`` (the Hub),
-            ``local-dir:PATH``, or a registered name such as ``gradresnet18_joint.cifar10``.
-        **kwargs: Passed to ``timm.create_model``.
-
-    Returns:
-        The model in eval mode.
-    """
-    import timm
-    name = str(path_or_id)
-    if isinstance(path_or_id, Path) or Path(name).is_dir():
-        if not Path(name).is_dir():
-            raise FileNotFoundError(f'{name} is not a folder')
-        name = f'local-dir:{name}'
-    elif not name.startswith(('hf-hub:', 'local-dir:')) and _REPO_ID.match(name):
-        name = f'hf-hub:{name}'
-    return timm.create_model(name, pretrained=True, **kwargs).eval()
 
 
 # -- command line ---------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import gc
 import itertools
 import logging
 import math
-import os
 import shlex
 import sys
 import time
@@ -54,6 +53,7 @@ from timm_joint import training
 from timm_joint.data import (
     check_data_dir, create_eval_dataset, create_joint_datasets, is_streamed)
 from timm_joint.hub import save_pretrained
+from timm_joint.io import atomic_write, check_fits, read_state_dict
 from timm_joint.joint import JointDensityWrapper
 from timm_joint.losses import JointLoss, JointObjective, linear_ramp
 from timm_joint.noise import add_noise, from_255
@@ -334,17 +334,13 @@ def create_loss_fn(args: argparse.Namespace, num_classes: Optional[int]) -> Tupl
 
 
 def _load_initial_checkpoint(model: nn.Module, path: str) -> None:
-    """Load safetensors weights (an export folder or a .safetensors file) into the model, strictly."""
-    from safetensors.torch import load_file
-    p = Path(path)
-    file = p / 'model.safetensors' if p.is_dir() else p
-    if file.suffix != '.safetensors' or not file.is_file():
-        raise ValueError(f'--initial-checkpoint {path!r}: expected an export folder with model.safetensors '
-                         f'or a .safetensors file (pickled checkpoints are refused)')
+    """Load safetensors weights (an export folder or a safetensors file) into the model, strictly."""
     try:
-        model.load_state_dict(load_file(str(file)))
-    except RuntimeError as e:
-        raise ValueError(f'--initial-checkpoint {path!r} does not fit model: {e}') from e
+        state_dict = read_state_dict(path, torch_files=False)
+    except ValueError as e:
+        raise ValueError(f'--initial-checkpoint: {e}') from None
+    check_fits(model.state_dict(), state_dict, source=f'--initial-checkpoint {path!r}', target='model')
+    model.load_state_dict(state_dict)
 
 
 def create_optimizer_and_scheduler(
@@ -499,9 +495,7 @@ def _write_args(args: argparse.Namespace, output_dir: Path, argv: Optional[Seque
     record = {k: v for k, v in vars(args).items() if k != 'model_kwargs_dict'}
     record['command'] = ' '.join(shlex.quote(a) for a in [_program_name()] + list(
         argv if argv is not None else sys.argv[1:]))
-    tmp = args_file.with_suffix('.yaml.tmp')
-    tmp.write_text(yaml.safe_dump(record, sort_keys=True))
-    os.replace(tmp, args_file)
+    atomic_write(args_file, yaml.safe_dump(record, sort_keys=True))
 
 
 def _program_name() -> str:

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .io import atomic_replace_dir
 from .metrics import psnr
 from .noise import STREAM_EVAL, add_noise, from_255, seeded_noise
 
@@ -66,7 +67,7 @@ class CheckpointManager:
         if not self.root.is_dir():
             return []
         dirs = [p for p in self.root.iterdir()
-                if p.is_dir() and p.name.startswith('step_') and not p.name.endswith('.tmp')
+                if p.is_dir() and p.name.startswith('step_') and not p.name.endswith(('.tmp', '.old'))
                 and (p / STATE_FILE).is_file()]
         return sorted(dirs, key=lambda p: p.name)
 
@@ -88,9 +89,7 @@ class CheckpointManager:
             # The state file is written last: its presence marks the folder complete.
             with open(tmp / STATE_FILE, 'w') as f:
                 json.dump(meta, f, indent=2)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            atomic_replace_dir(tmp, final)
             for old in self._complete()[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
