@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 import timm_joint
 from conftest import malicious_pickle
-from timm_joint import evaluate
+from timm_joint import evaluate, io
 from timm_joint.hub import save_pretrained
 from timm_joint.io import atomic_dir, atomic_file, atomic_write, load_model, read_state_dict
 from timm_joint.joint import PixelInput
@@ -134,3 +134,9 @@ def test_a_foreign_classifier_gets_its_normalisation_inside(tmp_path):
     # the wrapper normalises with the same code, and keeps its statistics in its exports
     wrapped = timm_joint.JointDensityWrapper(net, warn_untrained=False)
     assert isinstance(wrapped, PixelInput) and {'mean', 'std'} <= set(wrapped.state_dict())
+
+
+def test_one_download_error_test():
+    from timm_joint.models import gradresnet
+    assert gradresnet.is_download_error is io.is_download_error
+    assert io.is_download_error(ConnectionError()) and not io.is_download_error(ValueError('bad argument'))
