@@ -1,4 +1,7 @@
-"""One implementation per concern (timm_joint.io): the weights reader, atomic writes, the model loader."""
+"""One implementation per concern: the weights reader, atomic writes, the model loader (timm_joint.io)
+and the results schema (timm_joint.results)."""
+import json
+
 import pytest
 import timm
 import torch
@@ -6,7 +9,7 @@ from safetensors.torch import save_file
 
 import timm_joint
 from conftest import malicious_pickle
-from timm_joint import evaluate, io
+from timm_joint import evaluate, hub, io, results
 from timm_joint.hub import save_pretrained
 from timm_joint.io import atomic_dir, atomic_file, atomic_write, load_model, read_state_dict
 from timm_joint.joint import PixelInput
@@ -140,3 +143,30 @@ def test_one_download_error_test():
     from timm_joint.models import gradresnet
     assert gradresnet.is_download_error is io.is_download_error
     assert io.is_download_error(ConnectionError()) and not io.is_download_error(ValueError('bad argument'))
+
+
+# -- the results schema ------------------------------------------------------------------------------
+
+def test_one_results_validator_for_the_writer_and_the_card():
+    assert hub.NA is evaluate.NA is results.NA and evaluate.validate_results is results.validate_results
+    card = {'schema_version': 1, 'model': {'name': ARCH}, 'dataset': {'name': '', 'split': 'val', 'num_images': 4},
+            'accuracy': {'0': 50.}, 'psnr': {'blind': {'25': 30.}}}
+    hub.validate_results(card)  # what a card needs
+    with pytest.raises(ValueError, match="missing key 'model.checkpoint'"):
+        results.validate_results(card)  # the evaluation writes more, and checks that it did
+    # a key means the same to both: canonical noise levels, and 0 refused where a PSNR is undefined
+    for bad, match in (({'accuracy': {'25.0': 50.}}, 'noise level'), ({'psnr': {'blind': {'0': 30.}}}, 'undefined'),
+                       ({'ece': {'0': 'n/a'}}, "'ece.0'")):
+        with pytest.raises(ValueError, match=match):
+            hub.validate_results(dict(card, **bad))
+
+
+def test_load_results_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        results.load_results(tmp_path / 'results.json')
+    (tmp_path / 'results.json').write_text('{')
+    with pytest.raises(ValueError, match='not valid JSON'):
+        hub.load_results(tmp_path / 'results.json')
+    (tmp_path / 'results.json').write_text(json.dumps([1]))
+    with pytest.raises(ValueError, match='JSON object'):
+        results.load_results(tmp_path / 'results.json')

@@ -4,7 +4,7 @@ One command measures accuracy at noise levels, blind and class-conditional denoi
 calibration, out-of-distribution detection, adversarial robustness, certified robustness (randomized
 smoothing, ``--certify``) and the Jacobian spectrum of the denoiser, and writes
 
-    OUT/results.json    versioned results (schema_version 1, ``validate_results``): the only source
+    OUT/results.json    versioned results (schema_version 1, ``timm_joint.results``): the only source
                         of tables and model cards
     OUT/results.md      Markdown tables rendered from results.json alone
     OUT/figures/*.png   denoising grid, PSNR against sigma, robustness curves, certified accuracy
@@ -39,8 +39,9 @@ import torch.nn as nn
 from . import metrics
 from .io import atomic_write, load_model
 from .joint import JointDensityMixin
+from .results import NA, SCHEMA_VERSION, is_number, validate_results
 from .robustness import (
-    ATTACKS, CERTIFY_MODES, DEFAULT_EPSILONS, ROBUSTBENCH_EPSILONS, certify_grid, certify_modes, check_certify_args,
+    ATTACKS, DEFAULT_EPSILONS, ROBUSTBENCH_EPSILONS, certify_grid, certify_modes, check_certify_args,
     check_levels, fixed_eval_noise, level_key, robust_accuracy_grid,
 )
 
@@ -50,8 +51,6 @@ __all__ = [
     'evaluate', 'validate_results', 'render_markdown', 'build_parser', 'parse_args', 'run', 'main',
 ]
 
-SCHEMA_VERSION = 1
-NA = 'n/a'
 # Keys of the denoising batch's largest noise level, in the 0-255 convention of configs and command
 # lines: the export's config.json (timm_joint.sigma_max_den_255) and train_joint.py's args.yaml.
 _SIGMA_MAX_KEYS = ('sigma_max_den_255', 'sigma_max_den', 'den_sigma_max')
@@ -657,164 +656,10 @@ def _outside_cls_range(sigma_keys: Sequence[str], cls_noise: Dict[str, Any]) -> 
     return [k for k in sigma_keys if float(k) > top + 1e-6]
 
 
-# -- results: schema and Markdown ---------------------------------------------------------------------
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check_sigma_map(d: Any, where: str, lo: float = -math.inf, hi: float = math.inf, allow_na: bool = True) -> None:
-    if not isinstance(d, dict):
-        raise ValueError(f'results: {where} must be a mapping from noise level (0-255, as a string) to a value')
-    for k, v in d.items():
-        try:
-            ok = isinstance(k, str) and level_key(float(k)) == k and float(k) >= 0
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f'results: {where} has key {k!r}; expected a 0-255 level written like "25"')
-        if v == NA and allow_na:
-            continue
-        if not _is_num(v) or not lo <= v <= hi:
-            raise ValueError(f'results: {where}[{k!r}] = {v!r}; expected a number in [{lo}, {hi}]'
-                             + (' or "n/a"' if allow_na else ''))
-
-
-def validate_results(d: Any) -> None:
-    """Check a results dictionary against schema version 1; raise ValueError naming the first problem.
-
-    Required: ``schema_version`` (1); ``model`` {name: str, checkpoint: str or null, num_params: int};
-    ``dataset`` {name: str, split: str, num_images: int > 0, img_size: int > 0}; sigma maps (keys are
-    0-255 levels as strings, e.g. "25") ``accuracy`` (% top-1), ``ece`` (%), ``noisy_psnr`` (dB),
-    ``psnr`` and ``ssim`` each {blind, cond_true, cond_pred}, ``cond_gain_db`` {true, pred}; denoising
-    values may be "n/a". Optional: ``ood`` {auroc: {score: [0, 1] or "n/a"}}, ``robustness``
-    {accuracy: {model: {attack: {sigma: {epsilon: %}}}}}, ``eigen`` {top, bottom: lists of numbers},
-    ``certify`` (``_validate_certify``).
-    """
-    if not isinstance(d, dict):
-        raise ValueError(f'results must be a JSON object, got {type(d).__name__}')
-    if d.get('schema_version') != SCHEMA_VERSION:
-        raise ValueError(f'results: schema_version must be {SCHEMA_VERSION}, got {d.get("schema_version")!r}')
-    for key in ('model', 'dataset', 'accuracy', 'psnr', 'ssim', 'cond_gain_db', 'ece', 'noisy_psnr'):
-        if key not in d:
-            raise ValueError(f'results: missing required key {key!r}')
-    m = d['model']
-    if not isinstance(m, dict) or not isinstance(m.get('name'), str):
-        raise ValueError('results: model.name must be a string')
-    if 'checkpoint' not in m or not (m['checkpoint'] is None or isinstance(m['checkpoint'], str)):
-        raise ValueError('results: model.checkpoint must be a string or null')
-    if not isinstance(m.get('num_params'), int) or isinstance(m.get('num_params'), bool) or m['num_params'] < 0:
-        raise ValueError('results: model.num_params must be a non-negative integer')
-    ds = d['dataset']
-    if not isinstance(ds, dict) or not isinstance(ds.get('name'), str) or not isinstance(ds.get('split'), str):
-        raise ValueError('results: dataset.name and dataset.split must be strings')
-    for key in ('num_images', 'img_size'):
-        v = ds.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f'results: dataset.{key} must be a positive integer, got {v!r}')
-    _check_sigma_map(d['accuracy'], 'accuracy', 0, 100, allow_na=False)
-    _check_sigma_map(d['ece'], 'ece', 0, 100, allow_na=False)
-    _check_sigma_map(d['noisy_psnr'], 'noisy_psnr')
-    for group, names, lo, hi in (('psnr', ('blind', 'cond_true', 'cond_pred'), -math.inf, math.inf),
-                                 ('ssim', ('blind', 'cond_true', 'cond_pred'), -1, 1),
-                                 ('cond_gain_db', ('true', 'pred'), -math.inf, math.inf)):
-        if not isinstance(d[group], dict):
-            raise ValueError(f'results: {group} must be an object with keys {names}')
-        for name in names:
-            if name not in d[group]:
-                raise ValueError(f'results: missing {group}.{name}')
-            _check_sigma_map(d[group][name], f'{group}.{name}', lo, hi)
-    if 'ood' in d:
-        auroc = d['ood'].get('auroc') if isinstance(d['ood'], dict) else None
-        if not isinstance(auroc, dict) or not auroc:
-            raise ValueError('results: ood.auroc must be an object of scores')
-        for k, v in auroc.items():
-            if v != NA and not (_is_num(v) and 0 <= v <= 1):
-                raise ValueError(f'results: ood.auroc.{k} = {v!r}; expected a number in [0, 1] or "n/a"')
-    if 'robustness' in d:
-        acc = d['robustness'].get('accuracy') if isinstance(d['robustness'], dict) else None
-        if not isinstance(acc, dict) or not acc:
-            raise ValueError('results: robustness.accuracy must map model names to attack grids')
-        for name, grid in acc.items():
-            if not isinstance(grid, dict) or not grid:
-                raise ValueError(f'results: robustness.accuracy[{name!r}] must map attacks to grids')
-            for attack, per_sigma in grid.items():
-                if attack not in ATTACKS:
-                    raise ValueError(f'results: robustness.accuracy[{name!r}] has attack {attack!r}; expected {ATTACKS}')
-                if not isinstance(per_sigma, dict):
-                    raise ValueError(f'results: robustness.accuracy[{name!r}][{attack!r}] must map sigmas to cells')
-                for sigma, cells in per_sigma.items():
-                    _check_sigma_map({sigma: 0.}, f'robustness sigma of {name!r}', allow_na=False)
-                    if not isinstance(cells, dict) or not cells or not all(_is_num(v) and 0 <= v <= 100 for v in cells.values()):
-                        raise ValueError(
-                            f'results: robustness.accuracy[{name!r}][{attack!r}][{sigma!r}] must map epsilons to % in [0, 100]')
-    if 'certify' in d:
-        _validate_certify(d['certify'])
-    if 'eigen' in d:
-        e = d['eigen']
-        if not isinstance(e, dict) or not all(isinstance(e.get(k), list) and all(_is_num(v) for v in e[k])
-                                              for k in ('top', 'bottom')):
-            raise ValueError('results: eigen.top and eigen.bottom must be lists of numbers')
-
-
-def _validate_certify(c: Any) -> None:
-    """``certify``: settings n0, n (int >= 1), alpha in (0, 1), num_images; ``sigmas`` (0-255 keys) and
-    ``radii`` (L2, [0, 1] pixels); ``index`` and ``label`` [num_images]; ``max_radius`` {sigma: >= 0};
-    ``models`` {name: {mode in CERTIFY_MODES: {sigma: {accuracy: {radius: %}, abstain: %, curve: {radius,
-    accuracy}, prediction: [num_images] ints >= -1, radius: [num_images] >= 0}}}}."""
-    if not isinstance(c, dict):
-        raise ValueError('results: certify must be an object')
-    for key in ('n0', 'n', 'num_images'):
-        v = c.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f'results: certify.{key} must be a positive integer, got {v!r}')
-    if not (_is_num(c.get('alpha')) and 0 < c['alpha'] < 1):
-        raise ValueError(f'results: certify.alpha must be in (0, 1), got {c.get("alpha")!r}')
-    n_img = c['num_images']
-    for key in ('sigmas', 'radii'):
-        if not isinstance(c.get(key), list) or not c[key]:
-            raise ValueError(f'results: certify.{key} must be a non-empty list')
-    _check_sigma_map({k: 0. for k in c['sigmas']}, 'certify.sigmas', allow_na=False)
-    _check_sigma_map(c.get('max_radius'), 'certify.max_radius', 0, math.inf, allow_na=False)
-    for key in ('index', 'label'):
-        v = c.get(key)
-        if not isinstance(v, list) or len(v) != n_img or not all(isinstance(i, int) and i >= 0 for i in v):
-            raise ValueError(f'results: certify.{key} must be a list of {n_img} non-negative integers')
-    models = c.get('models')
-    if not isinstance(models, dict) or not models:
-        raise ValueError('results: certify.models must map model names to base classifiers')
-    for name, per_mode in models.items():
-        if not isinstance(per_mode, dict) or not per_mode or not set(per_mode) <= set(CERTIFY_MODES):
-            raise ValueError(f'results: certify.models[{name!r}] must map base classifiers {CERTIFY_MODES} to sigmas')
-        for mode, per_sigma in per_mode.items():
-            where = f'certify.models[{name!r}][{mode!r}]'
-            if not isinstance(per_sigma, dict) or set(per_sigma) != set(c['sigmas']):
-                raise ValueError(f'results: {where} must have one cell per sigma {c["sigmas"]}')
-            for sigma, cell in per_sigma.items():
-                w = f'{where}[{sigma!r}]'
-                if not isinstance(cell, dict):
-                    raise ValueError(f'results: {w} must be an object')
-                acc = cell.get('accuracy')
-                if (not isinstance(acc, dict) or set(acc) != set(c['radii'])
-                        or not all(_is_num(v) and 0 <= v <= 100 for v in acc.values())):
-                    raise ValueError(f'results: {w}.accuracy must map the radii {c["radii"]} to % in [0, 100]')
-                if not (_is_num(cell.get('abstain')) and 0 <= cell['abstain'] <= 100):
-                    raise ValueError(f'results: {w}.abstain must be a % in [0, 100]')
-                pred, rad = cell.get('prediction'), cell.get('radius')
-                if (not isinstance(pred, list) or len(pred) != n_img
-                        or not all(isinstance(p, int) and not isinstance(p, bool) and p >= -1 for p in pred)):
-                    raise ValueError(f'results: {w}.prediction must be {n_img} class indices (-1: abstain)')
-                if not isinstance(rad, list) or len(rad) != n_img or not all(_is_num(r) and r >= 0 for r in rad):
-                    raise ValueError(f'results: {w}.radius must be {n_img} radii >= 0')
-                curve = cell.get('curve')
-                if (not isinstance(curve, dict) or not isinstance(curve.get('radius'), list)
-                        or not isinstance(curve.get('accuracy'), list) or len(curve['radius']) != len(curve['accuracy'])
-                        or not all(_is_num(v) for v in curve['radius'] + curve['accuracy'])):
-                    raise ValueError(f'results: {w}.curve must hold two lists of numbers of equal length, radius and accuracy')
-
+# -- results: Markdown -------------------------------------------------------------------------------
 
 def _fmt(v: Any, digits: int = 2) -> str:
-    return f'{v:.{digits}f}' if _is_num(v) else (str(v) if v is not None else '')
+    return f'{v:.{digits}f}' if is_number(v) else (str(v) if v is not None else '')
 
 
 def render_markdown(results: Dict[str, Any]) -> str:

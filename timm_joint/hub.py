@@ -11,15 +11,14 @@ optionally uploads it::
     python -m timm_joint.hub publish --checkpoint runs/NAME/export/best \\
         --results results/NAME.json --out hub/NAME --push --repo-id ORG/NAME
 
-Every number in the card comes from ``results.json``. Weights are only ever read by
-``timm_joint.io.read_state_dict``: safetensors, or ``torch.load(weights_only=True)``, which refuses
-pickles that would run code. Models load with ``timm_joint.io.load_model``. The Hub token
+Every number in the card comes from ``results.json`` (checked by ``timm_joint.results``). Weights are
+only ever read by ``timm_joint.io.read_state_dict``: safetensors, or ``torch.load(weights_only=True)``,
+which refuses pickles that would run code. Models load with ``timm_joint.io.load_model``. The Hub token
 is left to huggingface_hub (``HF_TOKEN`` or ``hf auth login``): it is never printed, and a
 published folder that contains it is refused.
 """
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -33,10 +32,12 @@ import torch.nn as nn
 import yaml
 from huggingface_hub import HfApi
 
+from . import results as results_schema
 from .io import (
     REPO_ID, SAFE_WEIGHTS, atomic_dir, check_fits, create_from_config, read_config, read_state_dict, write_state_dict,
 )
 from .resources import resource_dir
+from .results import NA, is_number
 
 __all__ = [
     'save_pretrained', 'load_export', 'load_results', 'validate_results',
@@ -163,61 +164,12 @@ def load_export(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[s
 
 # -- results.json ---------------------------------------------------------------------------------
 
-def _get(results: Dict[str, Any], dotted: str) -> Any:
-    # Name the first missing level: 'psnr' when there is no psnr at all, 'psnr.blind' when only that is.
-    node: Any = results
-    parts = dotted.split('.')
-    for i, part in enumerate(parts):
-        if not isinstance(node, dict) or part not in node:
-            raise ValueError(f"results.json: missing key '{'.'.join(parts[:i + 1])}'")
-        node = node[part]
-    return node
-
-
-# What the evaluation writes where a measurement does not apply (e.g. cond_true without labels).
-NA = 'n/a'
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _sigma_value(key: str, where: str) -> float:
-    try:
-        value = float(key)
-    except (TypeError, ValueError):
-        value = float('nan')
-    if not (0. <= value <= 255.):
-        raise ValueError(f"results.json: key {key!r} of '{where}' is not a noise level in 0-255 units "
-                         f"(expected a string such as '0' or '25')")
-    return value
-
-
-def _check_sigma_dict(results: Dict[str, Any], dotted: str, allow_zero: bool, allow_na: bool) -> Dict[str, Any]:
-    table = _get(results, dotted)
-    if not isinstance(table, dict) or not table:
-        raise ValueError(f"results.json: '{dotted}' must be a non-empty object mapping noise levels "
-                         f"(0-255, as strings) to numbers, got {table!r}")
-    for key, value in table.items():
-        sigma = _sigma_value(key, dotted)
-        if sigma == 0 and not allow_zero:
-            raise ValueError(f"results.json: '{dotted}' has noise level 0, where a PSNR is undefined")
-        if not (_is_number(value) or (allow_na and value == NA)):
-            raise ValueError(f"results.json: '{dotted}.{key}' must be a finite number"
-                             + (f" or {NA!r}" if allow_na else '') + f", got {value!r}")
-    return table
-
-
 def validate_results(results: Any) -> Dict[str, Any]:
-    """Check the parts of an evaluation's results that a card uses; raise naming what is missing.
+    """Check an evaluation's results for what a card uses (``timm_joint.results.validate_results``).
 
     Required: ``schema_version`` (1), ``model.name``, ``dataset.name`` ('' for an image folder),
-    ``dataset.split``, ``dataset.num_images``, ``accuracy`` ({sigma_255: top-1 %}) and ``psnr.blind``
-    ({sigma_255: dB}, at least one measured); ``psnr.cond_true`` and ``psnr.cond_pred`` are checked
-    when present. PSNR cells may be 'n/a' (not measurable), as the evaluation writes them.
-
-    Args:
-        results: The parsed ``results.json``.
+    ``dataset.split``, ``dataset.num_images``, ``accuracy`` and ``psnr.blind``, each with at least
+    one measured value; every other key present is checked as the evaluation writes it.
 
     Returns:
         The same dict.
@@ -225,42 +177,14 @@ def validate_results(results: Any) -> Dict[str, Any]:
     Raises:
         ValueError: A key is missing or has the wrong type; the message names it.
     """
-    if not isinstance(results, dict):
-        raise ValueError(f'results.json: expected a JSON object, got {type(results).__name__}')
-    version = _get(results, 'schema_version')
-    if version != 1:
-        raise ValueError(f"results.json: 'schema_version' {version!r} is not supported (expected 1)")
-    for dotted in ('model.name', 'dataset.name', 'dataset.split'):
-        value = _get(results, dotted)
-        # dataset.name is '' for an image folder (timm's convention); the others must say something.
-        if not isinstance(value, str) or (not value and dotted != 'dataset.name'):
-            raise ValueError(f"results.json: '{dotted}' must be a non-empty string, got {value!r}")
-    n = _get(results, 'dataset.num_images')
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise ValueError(f"results.json: 'dataset.num_images' must be a positive integer, got {n!r}")
-    _check_sigma_dict(results, 'accuracy', allow_zero=True, allow_na=False)
-    for value in results['accuracy'].values():
-        if not 0. <= value <= 100.:
-            raise ValueError(f"results.json: 'accuracy' holds top-1 in percent (0-100), got {value!r}")
-    blind = _check_sigma_dict(results, 'psnr.blind', allow_zero=False, allow_na=True)
-    if not any(_is_number(v) for v in blind.values()):
-        raise ValueError("results.json: 'psnr.blind' has no measured value (all 'n/a'): is this a denoiser?")
-    for variant in ('cond_true', 'cond_pred'):
-        if variant in results['psnr']:
-            _check_sigma_dict(results, f'psnr.{variant}', allow_zero=False, allow_na=True)
-    return results
+    return results_schema.validate_results(results, required=results_schema.CARD_REQUIRED,
+                                           measured=('accuracy', 'psnr.blind'))
 
 
 def load_results(path: Union[str, Path]) -> Dict[str, Any]:
-    """Read and validate a ``results.json`` written by ``python -m timm_joint.evaluate``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'results file {path} does not exist (write it with python -m timm_joint.evaluate)')
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{path} is not valid JSON: {e}') from e
-    return validate_results(results)
+    """Read a ``results.json`` written by ``python -m timm_joint.evaluate`` and check it for a card."""
+    return results_schema.load_results(path, required=results_schema.CARD_REQUIRED,
+                                       measured=('accuracy', 'psnr.blind'))
 
 
 _PSNR_COLUMNS = (
@@ -287,9 +211,9 @@ def results_table(results: Dict[str, Any], digits: int = 2) -> str:
     validate_results(results)
     columns = [('accuracy', results['accuracy'], 'Top-1 (%)')]
     columns += [(k, results['psnr'][k], title) for k, title in _PSNR_COLUMNS
-                if any(_is_number(v) for v in results['psnr'].get(k, {}).values())]
+                if any(is_number(v) for v in results['psnr'].get(k, {}).values())]
     keys = {k for _, table, _ in columns for k in table}
-    rows = sorted(keys, key=lambda k: (_sigma_value(k, 'table'), k))
+    rows = sorted(keys, key=float)
     lines = ['| sigma (0-255) | ' + ' | '.join(title for _, _, title in columns) + ' |',
              '|---:|' + '---:|' * len(columns)]
     for k in rows:
@@ -300,7 +224,7 @@ def results_table(results: Dict[str, Any], digits: int = 2) -> str:
 
 
 def _flatten_numbers(node: Any, prefix: str) -> List[Tuple[str, float]]:
-    if _is_number(node):
+    if is_number(node):
         return [(prefix, node)]
     if isinstance(node, dict):
         out = []
@@ -362,8 +286,7 @@ def _model_index(results: Dict[str, Any], name: str) -> List[Dict[str, Any]]:
 
     def by_sigma(table):
         # 'n/a' cells are not metrics: the model-index lists measured numbers only.
-        return sorted(((k, v) for k, v in table.items() if _is_number(v)),
-                      key=lambda kv: _sigma_value(kv[0], 'model-index'))
+        return sorted(((k, v) for k, v in table.items() if is_number(v)), key=lambda kv: float(kv[0]))
 
     cls_metrics = [{'type': 'accuracy', 'name': f'Top-1 accuracy, sigma={k}/255', 'value': v}
                    for k, v in by_sigma(results['accuracy'])]
@@ -476,8 +399,7 @@ def render_model_card(
     front_matter = yaml.safe_dump(front, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
     # The usage example's noise level is one the card reports (the middle blind-PSNR level).
-    levels = sorted((k for k, v in results['psnr']['blind'].items() if _is_number(v)),
-                    key=lambda k: _sigma_value(k, 'psnr.blind'))
+    levels = sorted((k for k, v in results['psnr']['blind'].items() if is_number(v)), key=float)
     sigma_255 = levels[len(levels) // 2]
     in_size = pcfg.get('input_size') or [3, 32, 32]
     registered = ''

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .results import NA, load_results
+
 __all__ = ['PRESETS', 'PRESET_EVAL_ARGS', 'run_sweep', 'render_table']
 
 # Each preset: (variant name, extra training arguments). Presets may share a sweep folder: a
@@ -150,7 +152,7 @@ def _evaluate(run_dir: Path, data_dir: str, task: str, eval_args: Sequence[str] 
         cmd += ['--sigmas', '0', '25'] if task != 'denoising' else ['--sigmas']
         cmd += list(eval_args)
         subprocess.run(cmd, check=True)
-    res = json.loads((out / 'results.json').read_text())
+    res = load_results(out / 'results.json')
     metrics = {}
     for s, v in (res.get('accuracy') or {}).items():
         if isinstance(v, (int, float)):
@@ -302,7 +304,7 @@ def render_table(records: Sequence[Dict], columns: Sequence[str] = COLUMNS) -> s
         cells = [r.get('cls_noise', '')] if noise else []
         for k in columns:
             digits = 1 if k.startswith(('top1', 'cert_')) else 2
-            cell = f'{r[k]:.{digits}f}' if k in r else 'n/a'
+            cell = f'{r[k]:.{digits}f}' if k in r else NA
             if f'{k}_std' in r:
                 cell += f' ± {r[f"{k}_std"]:.{digits}f}'
             cells.append(cell)
