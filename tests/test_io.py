@@ -1,5 +1,5 @@
-"""One implementation per concern: the weights reader, atomic writes, the model loader (timm_joint.io)
-and the results schema (timm_joint.results)."""
+"""One implementation per concern: the weights reader, atomic writes, the model loader (timm_joint.io),
+the denoiser protocol (timm_joint.protocol) and the results schema (timm_joint.results)."""
 import json
 
 import pytest
@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import timm_joint
 from conftest import malicious_pickle
-from timm_joint import evaluate, hub, io, results
+from timm_joint import evaluate, hub, io, protocol, results
 from timm_joint.hub import save_pretrained
 from timm_joint.io import atomic_dir, atomic_file, atomic_write, load_model, read_state_dict
 from timm_joint.joint import PixelInput
@@ -143,6 +143,34 @@ def test_one_download_error_test():
     from timm_joint.models import gradresnet
     assert gradresnet.is_download_error is io.is_download_error
     assert io.is_download_error(ConnectionError()) and not io.is_download_error(ValueError('bad argument'))
+
+
+# -- the denoiser protocol ---------------------------------------------------------------------------
+
+def test_models_declare_the_protocol():
+    net = _tiny()
+    assert isinstance(net, protocol.Denoiser) and protocol.is_blind(net) and protocol.is_joint(net)
+    headless = timm.create_model(ARCH, num_classes=0)
+    assert protocol.has_energy(headless) and not protocol.has_classifier(headless) and not protocol.is_joint(headless)
+    plain = timm.create_model('test_resnet', num_classes=3)
+    assert not protocol.is_denoiser(plain) and protocol.has_classifier(plain) and not protocol.has_energy(plain)
+
+    class Undeclared(torch.nn.Module):
+        def denoise(self, y, *, sigma=None, c=None):
+            assert sigma is not None, 'a denoiser that does not say it is blind is told sigma'
+            return y
+
+    y = torch.rand(1, 3, 8, 8)
+    assert not protocol.is_blind(Undeclared()) and protocol.denoise_blind(Undeclared(), y, 0.1) is y
+    torch.testing.assert_close(protocol.denoise_blind(net, y, 0.1), net.denoise(y), rtol=0, atol=0)
+
+
+def test_dedicated_denoisers_declare_whether_they_are_blind():
+    pytest.importorskip('deepinv')
+    dncnn = timm.create_model('dncnn_deepinv', depth=3, width=8)
+    drunet = timm.create_model('drunet_deepinv', width=4, num_blocks=1)
+    assert protocol.is_blind(dncnn) and not protocol.is_blind(drunet)
+    assert isinstance(drunet, protocol.Denoiser) and not protocol.has_classifier(drunet)
 
 
 # -- the results schema ------------------------------------------------------------------------------

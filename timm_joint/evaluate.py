@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from . import metrics
 from .io import atomic_write, load_model
-from .joint import JointDensityMixin
+from .protocol import denoise_blind, has_classifier, has_energy, is_denoiser
 from .results import NA, SCHEMA_VERSION, is_number, validate_results
 from .robustness import (
     ATTACKS, DEFAULT_EPSILONS, ROBUSTBENCH_EPSILONS, certify_grid, certify_modes, check_certify_args,
@@ -360,9 +360,9 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
             args.reference_model, args.reference_checkpoint, num_classes=args.num_classes, device=device)
     # A joint model classifies and denoises (blind and class-conditional); a dedicated denoiser (DnCNN,
     # DRUNet) only denoises, and a non-blind one is told sigma; a plain timm classifier only classifies.
-    is_joint = isinstance(model, JointDensityMixin)
-    has_denoiser = is_joint or hasattr(model, 'denoise')
-    can_classify = bool(getattr(model, 'num_classes', 0))
+    is_joint = has_energy(model)
+    has_denoiser = is_denoiser(model)
+    can_classify = has_classifier(model)
     if not can_classify and (args.sigmas or args.attack or args.certify):
         raise ValueError(f'{args.model} has no classifier: pass --sigmas with no values, no --attack and no --certify')
     certify_mode_list = _certify_mode_list(args)
@@ -445,7 +445,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
                 per['noisy'][key].append(metrics.psnr(y, x, clamp=False).cpu())
                 if not has_denoiser:
                     continue
-                d_blind = model.denoise(y) if getattr(model, 'blind', True) else model.denoise(y, sigma=sigma)
+                d_blind = denoise_blind(model, y, sigma)
                 if not (is_joint and can_classify):
                     per['blind'][key].append(metrics.psnr(d_blind, x).cpu())
                     per['ssim_blind'][key].append(metrics.ssim(d_blind, x).cpu())

@@ -57,6 +57,7 @@ from timm_joint.io import atomic_write, check_fits, read_state_dict
 from timm_joint.joint import JointDensityWrapper
 from timm_joint.losses import JointLoss, JointObjective, linear_ramp
 from timm_joint.noise import add_noise, from_255
+from timm_joint.protocol import is_denoiser
 from timm_joint.resources import find_config, packaged_configs
 from timm_joint.training import (
     CheckpointManager, DenoisingLoader, DenoisingStage, DeviceLoader, NonFiniteLossError, TrainState,
@@ -307,7 +308,7 @@ def build_model(args: argparse.Namespace) -> Tuple[nn.Module, Dict[str, Any]]:
         raise ValueError(f'model {args.model!r} does not accept these arguments ({e}); check --model-kwargs') from e
     if args.initial_checkpoint:
         _load_initial_checkpoint(model, args.initial_checkpoint)
-    if args.task != 'classification' and not hasattr(model, 'denoise'):
+    if args.task != 'classification' and not is_denoiser(model):
         model = JointDensityWrapper(model)
     return model, model_args
 
@@ -525,14 +526,14 @@ def export_model(
     n_chans = int(cfg_out.get('input_size', (3,))[0])
     cfg_out.update(input_size=(n_chans, img_size, img_size), crop_pct=crop_pct)
     cfg_out.pop('test_input_size', None)
-    if not hasattr(net, 'denoise'):
+    if not is_denoiser(net):
         # A plain timm classifier was trained on raw [0, 1] pixels: say so in its config, so timm's
         # data pipeline does not normalise what it never saw normalised.
         n = len(cfg_out.get('mean', (0., 0., 0.)))
         cfg_out.update(mean=(0.,) * n, std=(1.,) * n)
     save_pretrained(net, folder, model_name=args.model, model_args=model_args, pretrained_cfg=cfg_out,
                     extra_config={'timm_joint': {
-                        'task': args.task, 'wrapper': type(net).__name__ == 'JointDensityWrapper',
+                        'task': args.task, 'wrapper': isinstance(net, JointDensityWrapper),
                         'sigma_max_cls_255': args.sigma_max_cls, 'sigma_max_den_255': args.sigma_max_den,
                         'sigma_dist_cls': args.sigma_dist_cls,
                         'lambda_den': args.lambda_den, 'lambda_den_start': args.lambda_den_start,

@@ -16,6 +16,7 @@ import torch.nn as nn
 from .io import atomic_replace_dir
 from .metrics import psnr
 from .noise import STREAM_EVAL, add_noise, from_255, seeded_noise
+from .protocol import denoise_blind
 
 __all__ = [
     'TrainState', 'CheckpointManager', 'DenoisingStage', 'parse_den_schedule', 'stage_for_epoch',
@@ -214,8 +215,7 @@ def validate(
             for s in psnr_sigmas_255:
                 y, sig = noisy_batch(x, idx, sigma=from_255(s), seed=seed, epoch=0, stream=STREAM_EVAL)
                 with accelerator.autocast():
-                    # only a non-blind baseline (DRUNet) is told the noise level
-                    d = model.denoise(y) if getattr(model, 'blind', True) else model.denoise(y, sigma=sig)
+                    d = denoise_blind(model, y, sig)  # only a non-blind baseline (DRUNet) is told sigma
                 per_sample[f'psnr_s{s:g}'] = psnr(d, x).float()
         for k, v in per_sample.items():
             sums.setdefault(k, []).append(v.float() if streamed else accelerator.gather_for_metrics(v.float()))
