@@ -4,6 +4,7 @@ Identities are checked in float64 on models far smaller than any registered name
 channels) at odd sizes (13x11), where a wrong axis or a silently reshaped tensor cannot hide.
 """
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +44,18 @@ def rand_images(*shape: int, dtype: torch.dtype = torch.float64, seed: int = 0) 
 @pytest.fixture
 def small_model() -> GradResNet:
     return make_small_gradresnet()
+
+
+class _Payload:
+    """Unpickling this creates ``path``: stands for any code a malicious checkpoint would run."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, 'w')
+
+
+def malicious_pickle(path: Path, sentinel: Path) -> None:
+    """A PyTorch checkpoint whose unpickling would create ``sentinel`` (weights_only=True refuses it)."""
+    torch.save({'stem.0.weight': torch.zeros(1), 'payload': _Payload(str(sentinel))}, str(path))

@@ -21,8 +21,10 @@ from safetensors.torch import load_file, save_file
 
 import timm
 import timm_joint
+from conftest import malicious_pickle
 from timm_joint import hub
 from timm_joint.hub import publish, results_table, save_pretrained
+from timm_joint.io import load_model
 
 ARCH = 'gradresnet_tiny_joint'
 REGISTERED_ID = f'{timm_joint.HF_HUB_ORG}/{ARCH}.cifar10'  # what default_cfgs point at
@@ -126,7 +128,7 @@ def test_local_dir_gives_bit_equal_outputs(published):
     logits, den = _outputs(loaded, x)
     assert logits.shape == (3, 4)
     assert torch.equal(logits, ref_logits) and torch.equal(den, ref_den)
-    helper_logits, helper_den = _outputs(hub.load_model(published['out']), x)
+    helper_logits, helper_den = _outputs(load_model(published['out'])[0], x)
     assert torch.equal(helper_logits, ref_logits) and torch.equal(helper_den, ref_den)
     # The comparison can fail: a model that did not get the weights gives other outputs.
     fresh_logits, _ = _outputs(timm.create_model(ARCH, num_classes=4), x)
@@ -434,20 +436,6 @@ def _lay_into_hf_cache(folder: Path, hf_home: Path, repo_id: str, commit: str) -
     return snap
 
 
-class _Payload:
-    """Unpickling this creates ``path``: stands for any code a malicious checkpoint would run."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return open, (self.path, 'w')
-
-
-def _malicious_bin(path: Path, sentinel: Path) -> None:
-    torch.save({'stem.0.weight': torch.zeros(1), 'payload': _Payload(str(sentinel))}, str(path))
-
-
 _SUBPROCESS_LOAD = textwrap.dedent('''
     import json, sys
     import torch, timm, timm_joint
@@ -483,7 +471,7 @@ def test_registered_name_and_hf_hub_from_offline_cache_bit_equal(tmp_path):
     evil.mkdir()
     (evil / 'config.json').write_bytes((out / 'config.json').read_bytes())
     sentinel = tmp_path / 'pwned_hub'
-    _malicious_bin(evil / 'pytorch_model.bin', sentinel)
+    malicious_pickle(evil / 'pytorch_model.bin', sentinel)
     _lay_into_hf_cache(evil, hf_home, 'timm-joint/evil', commit='2' * 40)
 
     x = _inputs()
@@ -526,7 +514,7 @@ def test_offline_without_weights_names_repo_and_ways_out(tmp_path):
 def test_malicious_pickle_is_refused(published, tmp_path):
     # The payload is live: an unrestricted unpickler runs it (this is what weights_only=True prevents).
     control = tmp_path / 'control'
-    _malicious_bin(tmp_path / 'control.bin', control)
+    malicious_pickle(tmp_path / 'control.bin', control)
     torch.load(str(tmp_path / 'control.bin'), weights_only=False)
     assert control.exists()
 
@@ -534,11 +522,11 @@ def test_malicious_pickle_is_refused(published, tmp_path):
     folder = tmp_path / 'evil_export'
     folder.mkdir()
     (folder / 'config.json').write_bytes((published['out'] / 'config.json').read_bytes())
-    _malicious_bin(folder / 'pytorch_model.bin', sentinel)
+    malicious_pickle(folder / 'pytorch_model.bin', sentinel)
     with pytest.raises(RuntimeError, match='weights_only'):
         timm.create_model(f'local-dir:{folder}', pretrained=True)
-    with pytest.raises(RuntimeError, match='weights_only'):
-        hub.load_model(folder)
+    with pytest.raises(ValueError, match='refused'):
+        load_model(folder)
     with pytest.raises(ValueError, match='refused'):
         hub.load_export(folder)
     with pytest.raises(ValueError, match='refused'):

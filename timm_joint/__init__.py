@@ -8,7 +8,7 @@ Importing this package registers the GradResNet models with timm's registry::
 from .joint import EnergyHead, JointDensityMixin, JointDensityWrapper
 from .models import HF_HUB_ORG, GradResNet
 from .noise import from_255, to_255
-from . import hub  # noqa: E402  (timm_joint.hub.save_pretrained / load_model / publish)
+from . import hub  # noqa: E402  (timm_joint.hub.save_pretrained / load_export / publish)
 
 __version__ = '0.1.0'
 

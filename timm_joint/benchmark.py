@@ -37,13 +37,14 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .io import atomic_write
 
 __all__ = ['CASES', 'TARGETS', 'SCHEMA_NAME', 'SCHEMA_VERSION', 'run_benchmark', 'validate_results',
            'render_markdown', 'jem_sgld_sample', 'main']
@@ -785,19 +786,6 @@ def validate_results(doc: Any) -> None:
         raise ValueError('invalid benchmark results:\n  ' + '\n  '.join(errors))
 
 
-def _write_json_atomic(doc: Dict[str, Any], path: str):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.benchmark-', suffix='.json', dir=directory)
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(doc, f, indent=1)
-            f.write('\n')
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
 
 # ------------------------------------------------------------------------------------------------
 # Command line
@@ -854,7 +842,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     doc = run_benchmark(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     validate_results(doc)
     print(render_markdown(doc))
-    _write_json_atomic(doc, args.out)
+    atomic_write(args.out, json.dumps(doc, indent=1) + '\n')
     print(f'wrote {args.out}', file=sys.stderr)
 
 

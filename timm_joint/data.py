@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 from torchvision import transforms as T
 
+from .io import atomic_dir
 from .noise import sample_seed, seeded_noise
 
 __all__ = [
@@ -451,45 +452,33 @@ def write_wds(
     if dst.exists() and any(dst.iterdir()) and not (dst / '_info.json').is_file():
         raise ValueError(f'{dst} exists and is not a webdataset folder written here: choose another destination '
                          f'(nothing was overwritten)')
-    tmp = _fresh_tmp_dir(dst)
-    info = {'name': src.name, 'splits': {}}
-    for split in splits:
-        if not (src / split).is_dir():
-            raise ValueError(f'{src / split} is not a folder: expected {src}/<split>/<class>/<image> for splits {list(splits)}')
-        samples, _ = find_images_and_targets(str(src / split))
-        if not samples:
-            raise ValueError(f'{src / split} holds no images')
-        order = np.random.default_rng(seed).permutation(len(samples))
-        names, lengths = [], []
-        for start in range(0, len(order), shard_size):
-            name = f'{split}-{start // shard_size:06d}.tar'
-            part = order[start:start + shard_size]
-            with tarfile.open(tmp / name, 'w') as tar:
-                for i in part:
-                    path, target = samples[i]
-                    key = f'{split}_{int(i):08d}'
-                    ext, data = _wds_image(Path(path))
-                    _tar_add(tar, f'{key}.{ext}', data)
-                    _tar_add(tar, f'{key}.cls', str(int(target)).encode())
-            names.append(name)
-            lengths.append(len(part))
-        info['splits'][split] = {'name': split, 'num_samples': len(samples), 'filenames': names,
-                                 'shard_lengths': lengths}
-    (tmp / '_info.json').write_text(json.dumps(info, indent=1))
-    from .hub import atomic_replace_dir
-    atomic_replace_dir(tmp, dst)
+    with atomic_dir(dst) as tmp:
+        info = {'name': src.name, 'splits': {}}
+        for split in splits:
+            if not (src / split).is_dir():
+                raise ValueError(f'{src / split} is not a folder: expected {src}/<split>/<class>/<image> '
+                                 f'for splits {list(splits)}')
+            samples, _ = find_images_and_targets(str(src / split))
+            if not samples:
+                raise ValueError(f'{src / split} holds no images')
+            order = np.random.default_rng(seed).permutation(len(samples))
+            names, lengths = [], []
+            for start in range(0, len(order), shard_size):
+                name = f'{split}-{start // shard_size:06d}.tar'
+                part = order[start:start + shard_size]
+                with tarfile.open(tmp / name, 'w') as tar:
+                    for i in part:
+                        path, target = samples[i]
+                        key = f'{split}_{int(i):08d}'
+                        ext, data = _wds_image(Path(path))
+                        _tar_add(tar, f'{key}.{ext}', data)
+                        _tar_add(tar, f'{key}.cls', str(int(target)).encode())
+                names.append(name)
+                lengths.append(len(part))
+            info['splits'][split] = {'name': split, 'num_samples': len(samples), 'filenames': names,
+                                     'shard_lengths': lengths}
+        (tmp / '_info.json').write_text(json.dumps(info, indent=1))
     return dst
-
-
-def _fresh_tmp_dir(final: Path) -> Path:
-    """An empty ``<final>.tmp`` folder (a leftover of a killed run is removed) to write into and then
-    move in place with ``timm_joint.hub.atomic_replace_dir``."""
-    import shutil
-    tmp = final.with_name(final.name + '.tmp')
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
 def _wds_image(path: Path) -> Tuple[str, bytes]:
@@ -556,28 +545,26 @@ def prepare_quickstart(
     if marker.exists() and marker.read_text() == stamp:
         return root
     rng = np.random.default_rng(seed)
-    tmp = _fresh_tmp_dir(root)
-    for name in images:
-        img = _as_rgb_uint8(getattr(skimage.data, name)())
-        h, w = img.shape[:2]
-        s = short_side / min(h, w)
-        img = (resize(img, (round(h * s), round(w * s)), anti_aliasing=True, preserve_range=True)
-               .round().clip(0, 255).astype(np.uint8))
-        h, w = img.shape[:2]
-        split_col = int(0.75 * w)
-        regions = {'train': (0, split_col, train_per_class), 'validation': (split_col, w, val_per_class)}
-        for split, (x0, x1, n) in regions.items():
-            if x1 - x0 < patch_size:
-                raise ValueError(f'image {name!r} is too narrow for {patch_size}px patches in split {split!r}')
-            out = tmp / split / name
-            out.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                y = int(rng.integers(0, h - patch_size + 1))
-                x = int(rng.integers(x0, x1 - patch_size + 1))
-                _write_png(img[y:y + patch_size, x:x + patch_size], out / f'{i:04d}.png')
-    (tmp / '.quickstart').write_text(stamp)
-    from .hub import atomic_replace_dir
-    atomic_replace_dir(tmp, root)
+    with atomic_dir(root) as tmp:
+        for name in images:
+            img = _as_rgb_uint8(getattr(skimage.data, name)())
+            h, w = img.shape[:2]
+            s = short_side / min(h, w)
+            img = (resize(img, (round(h * s), round(w * s)), anti_aliasing=True, preserve_range=True)
+                   .round().clip(0, 255).astype(np.uint8))
+            h, w = img.shape[:2]
+            split_col = int(0.75 * w)
+            regions = {'train': (0, split_col, train_per_class), 'validation': (split_col, w, val_per_class)}
+            for split, (x0, x1, n) in regions.items():
+                if x1 - x0 < patch_size:
+                    raise ValueError(f'image {name!r} is too narrow for {patch_size}px patches in split {split!r}')
+                out = tmp / split / name
+                out.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    y = int(rng.integers(0, h - patch_size + 1))
+                    x = int(rng.integers(x0, x1 - patch_size + 1))
+                    _write_png(img[y:y + patch_size, x:x + patch_size], out / f'{i:04d}.png')
+        (tmp / '.quickstart').write_text(stamp)
     return root
 
 
@@ -595,21 +582,19 @@ def prepare_digits(root: Union[str, Path], *, img_size: int = 32, val_fraction: 
         return root
     digits = load_digits()
     rng = np.random.default_rng(seed)
-    tmp = _fresh_tmp_dir(root)
-    for c in range(10):
-        idx = np.flatnonzero(digits.target == c)
-        rng.shuffle(idx)
-        n_val = int(round(val_fraction * len(idx)))
-        for split, part in (('validation', idx[:n_val]), ('train', idx[n_val:])):
-            out = tmp / split / str(c)
-            out.mkdir(parents=True, exist_ok=True)
-            for i in part:
-                arr = (digits.images[i] / 16. * 255.).round().astype(np.uint8)
-                im = Image.fromarray(arr).resize((img_size, img_size), Image.BILINEAR).convert('RGB')
-                im.save(out / f'{i:04d}.png')
-    (tmp / '.digits').write_text(stamp)
-    from .hub import atomic_replace_dir
-    atomic_replace_dir(tmp, root)
+    with atomic_dir(root) as tmp:
+        for c in range(10):
+            idx = np.flatnonzero(digits.target == c)
+            rng.shuffle(idx)
+            n_val = int(round(val_fraction * len(idx)))
+            for split, part in (('validation', idx[:n_val]), ('train', idx[n_val:])):
+                out = tmp / split / str(c)
+                out.mkdir(parents=True, exist_ok=True)
+                for i in part:
+                    arr = (digits.images[i] / 16. * 255.).round().astype(np.uint8)
+                    im = Image.fromarray(arr).resize((img_size, img_size), Image.BILINEAR).convert('RGB')
+                    im.save(out / f'{i:04d}.png')
+        (tmp / '.digits').write_text(stamp)
     return root
 
 
@@ -627,19 +612,17 @@ def prepare_textures(root: Union[str, Path], *, img_size: int = 32, train_per_cl
     stamp = f'textures,{img_size},{train_per_class},{val_per_class},{seed},{sorted(textures.KINDS.items())}'
     if (root / '.textures').exists() and (root / '.textures').read_text() == stamp:
         return root
-    tmp = _fresh_tmp_dir(root)
-    for split, n, offset in (('train', train_per_class, 0), ('validation', val_per_class, 1)):
-        for c, kind in enumerate(textures.KINDS):
-            rng = np.random.default_rng([seed, offset, c])
-            x = textures.sample(kind, n, img_size, rng=rng)
-            arr = (x.clip(0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
-            out = tmp / split / kind
-            out.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                _write_png(arr[i], out / f'{i:04d}.png')
-    (tmp / '.textures').write_text(stamp)
-    from .hub import atomic_replace_dir
-    atomic_replace_dir(tmp, root)
+    with atomic_dir(root) as tmp:
+        for split, n, offset in (('train', train_per_class, 0), ('validation', val_per_class, 1)):
+            for c, kind in enumerate(textures.KINDS):
+                rng = np.random.default_rng([seed, offset, c])
+                x = textures.sample(kind, n, img_size, rng=rng)
+                arr = (x.clip(0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+                out = tmp / split / kind
+                out.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    _write_png(arr[i], out / f'{i:04d}.png')
+        (tmp / '.textures').write_text(stamp)
     return root
 
 

@@ -4,7 +4,7 @@ One command measures accuracy at noise levels, blind and class-conditional denoi
 calibration, out-of-distribution detection, adversarial robustness, certified robustness (randomized
 smoothing, ``--certify``) and the Jacobian spectrum of the denoiser, and writes
 
-    OUT/results.json    versioned results (schema_version 1, ``validate_results``): the only source
+    OUT/results.json    versioned results (schema_version 1, ``timm_joint.results``): the only source
                         of tables and model cards
     OUT/results.md      Markdown tables rendered from results.json alone
     OUT/figures/*.png   denoising grid, PSNR against sigma, robustness curves, certified accuracy
@@ -22,227 +22,46 @@ x + sigma * eps with eps drawn once per image from the seeded evaluation stream 
 same eps at every sigma, for every metric and for the attacks: results are reproducible and the
 metrics of one run score the same noisy images. A model that is a plain timm classifier (no energy
 head) is evaluated too; its denoising metrics are then "n/a".
+
+Each family of results is a ``Metric`` object (``build_metrics``): one pass over the data calls every
+metric's ``update`` with the same batch, then each gives its part of results.json and its figures.
+Models load through ``timm_joint.io.load_model``.
 """
 import argparse
 import copy
 import json
 import math
-import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from . import metrics
-from .joint import JointDensityMixin, JointDensityWrapper
+from .io import atomic_write, load_model
+from .protocol import denoise_blind, has_classifier, has_energy, is_denoiser, is_joint
+from .results import NA, SCHEMA_VERSION, is_number, validate_results
 from .robustness import (
-    ATTACKS, CERTIFY_MODES, DEFAULT_EPSILONS, ROBUSTBENCH_EPSILONS, certify_grid, certify_modes, check_certify_args,
+    ATTACKS, DEFAULT_EPSILONS, ROBUSTBENCH_EPSILONS, certify_grid, certify_modes, check_certify_args,
     check_levels, fixed_eval_noise, level_key, robust_accuracy_grid,
 )
 
 __all__ = [
     'SCHEMA_VERSION', 'load_model', 'jacobian_operator', 'jacobian_eigs', 'read_training_sigma_max',
-    'read_training_cls_noise',
+    'read_training_cls_noise', 'Metric', 'Batch', 'build_metrics',
     'evaluate', 'validate_results', 'render_markdown', 'build_parser', 'parse_args', 'run', 'main',
 ]
 
-SCHEMA_VERSION = 1
-NA = 'n/a'
-WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'open_clip_pytorch_model.bin')
 # Keys of the denoising batch's largest noise level, in the 0-255 convention of configs and command
 # lines: the export's config.json (timm_joint.sigma_max_den_255) and train_joint.py's args.yaml.
 _SIGMA_MAX_KEYS = ('sigma_max_den_255', 'sigma_max_den', 'den_sigma_max')
 
 
 # -- models ------------------------------------------------------------------------------------------
-
-class _PixelInput(nn.Module):
-    """A plain timm classifier fed [0, 1] pixels: applies its configured mean/std inside."""
-
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.model = model
-        self.num_classes = getattr(model, 'num_classes', 0)
-        self.pretrained_cfg = getattr(model, 'pretrained_cfg', {})
-        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean.to(x)) / self.std.to(x))
-
-
-def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
-    if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    try:
-        sd = torch.load(str(path), map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ValueError(f'could not read checkpoint {str(path)!r} as a weights-only state dict: {e}') from e
-    for key in ('state_dict', 'model', 'state_dict_ema'):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f'checkpoint {str(path)!r} is not a state dict of tensors')
-    return {k[7:] if k.startswith('module.') else k: v for k, v in sd.items()}
-
-
-def _check_fits(model: nn.Module, sd: Dict[str, torch.Tensor], source: str, model_name: str) -> None:
-    """Refuse a state dict that does not fit the model, listing what differs."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f'{k}: checkpoint {list(sd[k].shape)} vs model {list(own[k].shape)}'
-              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
-            if items:
-                more = f' (+{len(items) - 5} more)' if len(items) > 5 else ''
-                parts.append(f'{label}: {", ".join(items[:5])}{more}')
-        raise ValueError(
-            f'the checkpoint {source!r} does not fit model {model_name!r}: ' + '; '.join(parts)
-            + '. Check --model (and --num-classes) against the checkpoint.')
-
-
-def _base_arch(name: str) -> str:
-    return name.split('.')[0]
-
-
-def _num_classes_from(sd: Dict[str, torch.Tensor], model_name: str) -> Optional[int]:
-    import timm
-    try:
-        cfg = timm.models.get_pretrained_cfg(_base_arch(model_name)) or {}
-        classifier = cfg.classifier if hasattr(cfg, 'classifier') else cfg.get('classifier')
-    except Exception:
-        classifier = None
-    for prefix in ([classifier] if classifier else []) + ['fc', 'head', 'head.fc', 'classifier']:
-        for key in (f'{prefix}.weight', f'model.{prefix}.weight'):
-            if key in sd and sd[key].ndim == 2:
-                return int(sd[key].shape[0])
-    return None
-
-
-def _finish(model: nn.Module, sd: Dict[str, torch.Tensor], source: str, model_name: str) -> nn.Module:
-    # An export of a JointDensityWrapper holds the timm model under 'model.' and an energy head.
-    if any(k.startswith('energy_head.') for k in sd) and not isinstance(model, JointDensityMixin):
-        model = JointDensityWrapper(model, warn_untrained=False)
-    _check_fits(model, sd, source, model_name)
-    model.load_state_dict(sd, strict=True)
-    return model
-
-
-def load_model(
-        model_name: str,
-        checkpoint: Optional[str] = None,
-        *,
-        num_classes: Optional[int] = None,
-        device: Union[str, torch.device] = 'cpu',
-) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build a model and load its weights, refusing a checkpoint that does not fit.
-
-    ``checkpoint`` is an export folder (``config.json`` + ``model.safetensors``, as ``hub.save_pretrained``
-    writes), ``local-dir:PATH``, ``hf-hub:ORG/NAME``, or a state-dict file (.safetensors, or a
-    .pth/.pt/.bin read with ``weights_only=True``). Without one, ``model_name`` itself may be a
-    ``local-dir:``/``hf-hub:`` name; a plain registry name gets its pretrained weights.
-
-    Every model returned takes [0, 1] pixels. A plain classifier (not a ``JointDensityMixin``) with
-    weights from elsewhere (the timm registry, the Hub, a folder without train_joint.py's
-    ``timm_joint`` entry in its config.json) gets its configured mean/std applied inside; one trained
-    by train_joint.py (an export with that entry, or a state-dict file) saw raw pixels in training
-    and is used as is.
-
-    Returns:
-        (model in eval mode on ``device``, info: name, checkpoint, architecture, config).
-
-    Raises:
-        ValueError: a missing folder or file, an architecture other than ``model_name``, or a state
-            dict with missing, unexpected or mis-shaped tensors.
-    """
-    import timm
-    import timm_joint  # noqa: F401  (registers the GradResNet names)
-
-    info: Dict[str, Any] = {'name': model_name, 'checkpoint': checkpoint, 'config': None, 'folder': None}
-    raw_pixels = False  # trained on [0, 1] pixels by this project, whatever its config's mean/std says
-    source = checkpoint
-    if checkpoint is None and model_name.startswith(('local-dir:', 'hf-hub:')):
-        source = model_name
-    info['source'] = source
-    if source is not None and source.startswith('hf-hub:'):
-        try:
-            model = timm.create_model(source, pretrained=True, **({'num_classes': num_classes} if num_classes else {}))
-        except RuntimeError as e:
-            if 'state_dict' in str(e) or 'size mismatch' in str(e):
-                raise ValueError(f'the checkpoint {source!r} does not fit model {model_name!r}: {e}') from e
-            raise
-        info['architecture'] = getattr(model, 'pretrained_cfg', {}).get('architecture', model_name)
-    elif source is not None:
-        path = Path(source[len('local-dir:'):] if source.startswith('local-dir:') else source)
-        if not path.exists():
-            raise ValueError(f'checkpoint {str(path)!r} does not exist')
-        if path.is_dir():
-            cfg_path = path / 'config.json'
-            weights = [path / w for w in WEIGHT_FILES if (path / w).exists()]
-            if not cfg_path.exists() or not weights:
-                raise ValueError(
-                    f'checkpoint folder {str(path)!r} must hold config.json and model.safetensors '
-                    f'(an export written by timm_joint.hub.save_pretrained)')
-            config = json.loads(cfg_path.read_text())
-            arch = config.get('architecture') or model_name
-            if model_name.startswith(('local-dir:', 'hf-hub:')):
-                model_name = arch
-            if _base_arch(arch) != _base_arch(model_name):
-                raise ValueError(
-                    f'the checkpoint {str(path)!r} holds a {arch!r}, which does not fit --model {model_name!r}')
-            from .models.gradresnet import upgrade_model_args
-            kwargs = upgrade_model_args(config.get('model_args') or {}, arch)
-            n_cls = num_classes or config.get('num_classes')
-            if n_cls is not None:
-                kwargs['num_classes'] = n_cls
-            pcfg = dict(config.get('pretrained_cfg') or {})
-            model = timm.create_model(model_name, pretrained=False, pretrained_cfg_overlay=pcfg, **kwargs)
-            sd = _read_state_dict(weights[0])
-            info.update(config=config, folder=str(path))
-            raw_pixels = 'timm_joint' in config
-        else:
-            sd = _read_state_dict(path)
-            n_cls = num_classes or _num_classes_from(sd, model_name)
-            model = timm.create_model(model_name, pretrained=False, **({'num_classes': n_cls} if n_cls else {}))
-            info['folder'] = str(path.parent)
-            raw_pixels = True
-        model = _finish(model, sd, str(path), model_name)
-        info['architecture'] = model_name
-    else:
-        try:
-            model = timm.create_model(model_name, pretrained=True, **({'num_classes': num_classes} if num_classes else {}))
-        except Exception as e:
-            if not _is_download_error(e):
-                raise
-            raise ValueError(
-                f'could not get pretrained weights for {model_name!r} ({type(e).__name__}: {e}). Offline or '
-                f'unpublished: pass a checkpoint (an export folder written by train_joint.py, local-dir:PATH, '
-                f'or a state-dict file)') from e
-        info['architecture'] = model_name
-
-    if not isinstance(model, JointDensityMixin) and not raw_pixels:
-        cfg = getattr(model, 'pretrained_cfg', {}) or {}
-        mean, std = tuple(cfg.get('mean', (0., 0., 0.))), tuple(cfg.get('std', (1., 1., 1.)))
-        if any(m != 0 for m in mean) or any(s != 1 for s in std):
-            model = _PixelInput(model, mean, std)
-    info['num_params'] = int(sum(p.numel() for p in model.parameters()))
-    return model.to(device).eval(), info
-
-
-def _is_download_error(e: Exception) -> bool:
-    mod = (type(e).__module__ or '').split('.')[0]
-    return (isinstance(e, (OSError, ConnectionError, TimeoutError)) or mod in ('huggingface_hub', 'requests', 'httpx')
-            or (isinstance(e, RuntimeError) and 'pretrained weights' in str(e)))
-
 
 def _model_cfg(model: nn.Module) -> Dict[str, Any]:
     cfg = getattr(model, 'pretrained_cfg', None) or {}
@@ -509,33 +328,31 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f'--certify-images must be >= 1, got {args.certify_images}')
 
 
+
 def _mean(values: List[torch.Tensor]) -> float:
     return float(torch.cat(values).double().mean()) if values else float('nan')
 
 
-def _sigma_map(keys: Sequence[str], fn: Callable[[str], Any]) -> Dict[str, Any]:
-    return {k: fn(k) for k in keys}
+@dataclass
+class _Setup:
+    """What an evaluation runs on, loaded and checked before the first image is scored."""
+    device: torch.device
+    model: nn.Module
+    info: Dict[str, Any]
+    reference: Optional[nn.Module]
+    ref_info: Optional[Dict[str, Any]]
+    ds: Any
+    ood_ds: Any
+    img_size: int
+    has_labels: bool
 
 
-def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run the evaluation that ``args`` describes and write OUT/results.json, results.md and figures.
-
-    Every check on the inputs (options, output folder, checkpoints, datasets) happens before the
-    first image is scored.
-
-    Returns:
-        The results dictionary (as written).
-    """
-    from tqdm import tqdm
-    from torch.utils.data import DataLoader
-
-    from . import figures
+def _prepare(args: argparse.Namespace) -> _Setup:
+    """Every check on the inputs (options, output folder, checkpoints, datasets), in that order."""
     from .data import create_eval_dataset
 
-    # 1. Checks, before any work.
     _check_args(args)
-    out_dir = Path(args.out)
-    results_path = out_dir / 'results.json'
+    results_path = Path(args.out) / 'results.json'
     if results_path.exists() and not args.overwrite:
         raise FileExistsError(f'{results_path} exists: refusing to overwrite it (pass --overwrite, or another --out)')
     device = torch.device(args.device)
@@ -546,13 +363,9 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
             args.reference_model, args.reference_checkpoint, num_classes=args.num_classes, device=device)
     # A joint model classifies and denoises (blind and class-conditional); a dedicated denoiser (DnCNN,
     # DRUNet) only denoises, and a non-blind one is told sigma; a plain timm classifier only classifies.
-    is_joint = isinstance(model, JointDensityMixin)
-    has_denoiser = is_joint or hasattr(model, 'denoise')
-    can_classify = bool(getattr(model, 'num_classes', 0))
-    if not can_classify and (args.sigmas or args.attack or args.certify):
+    if not has_classifier(model) and (args.sigmas or args.attack or args.certify):
         raise ValueError(f'{args.model} has no classifier: pass --sigmas with no values, no --attack and no --certify')
-    certify_mode_list = _certify_mode_list(args)
-    if args.certify and args.certify_mode == 'denoised' and certify_mode_list[0] not in certify_modes(model):
+    if args.certify and args.certify_mode == 'denoised' and _certify_mode_list(args)[0] not in certify_modes(model):
         raise ValueError(f'--certify-mode denoised needs a model that classifies and denoises; {args.model} only '
                          f'classifies: use --certify-mode own')
     cfg = _model_cfg(model)
@@ -562,8 +375,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     ds = create_eval_dataset(args.dataset, args.data_dir, img_size=img_size, split=args.split,
                              download=args.dataset_download, crop_pct=crop_pct)
     has_labels, n_dataset_classes = _label_info(ds)
-    needs_labels = bool(args.sigmas) or bool(args.attack) or args.certify
-    if needs_labels and not has_labels:
+    if (args.sigmas or args.attack or args.certify) and not has_labels:
         raise ValueError(
             f'dataset {args.dataset!r} at {args.data_dir!r} (split {args.split!r}) has no class labels '
             f'(images are not in class subfolders), but accuracy is asked: pass --sigmas with no values, '
@@ -573,7 +385,6 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError(
             f'the dataset has {n_dataset_classes} classes but the model predicts {num_classes}: '
             f'check --model/--checkpoint against --dataset')
-    ds = _subset(ds, args.max_images)
     ood_ds = None
     if args.ood_data_dir or args.ood_dataset:
         ood_ds = create_eval_dataset(args.ood_dataset or '', args.ood_data_dir, img_size=img_size,
@@ -585,244 +396,433 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
                 f'{img_size}x{img_size}: resizing would itself mark them out of distribution. Give an OOD '
                 f'dataset at {img_size}x{img_size}, or pass --ood-resize to accept it')
         ood_ds = _subset(ood_ds, args.max_images)
-    training = read_training_sigma_max(info.get('folder'), args.train_sigma_max)
+    return _Setup(device=device, model=model, info=info, reference=reference, ref_info=ref_info,
+                  ds=_subset(ds, args.max_images), ood_ds=ood_ds, img_size=img_size, has_labels=has_labels)
 
-    # 2. One pass over the data: accuracy, calibration, denoising, OOD scores.
-    torch.manual_seed(args.seed)
-    t0 = time.time()
-    acc_keys = [level_key(s) for s in args.sigmas]
-    psnr_keys = [level_key(s) for s in args.psnr_sigmas]
-    all_sigmas = sorted(set(args.sigmas) | set(args.psnr_sigmas))
-    correct = {k: [] for k in acc_keys}
-    confidence = {k: [] for k in acc_keys}
-    per = {name: {k: [] for k in psnr_keys} for name in (
-        'noisy', 'blind', 'cond_true', 'cond_pred', 'ssim_blind', 'ssim_cond_true', 'ssim_cond_pred')}
-    grid_sigma = 25. if 25. in args.psnr_sigmas else (sorted(args.psnr_sigmas)[len(args.psnr_sigmas) // 2]
-                                                      if args.psnr_sigmas else None)
-    grid_rows = {name: [] for name in ('clean', 'noisy', 'blind', 'cond', 'labels')}
-    grid_pos = set(_spread(len(ds), args.grid_images))
-    attack_pos = set(_spread(len(ds), args.attack_images)) if args.attack else set()
-    attack_pool: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    ood_scores = {'in': {'neg_energy': [], 'max_softmax': []}, 'out': {'neg_energy': [], 'max_softmax': []}}
-    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
-    n_images = 0
-    with torch.no_grad():
-        for x, target, index in tqdm(loader, desc='evaluate', disable=not args.progress, file=sys.stderr):
-            x = x.to(device)
-            target = target.to(device)
-            eps = fixed_eval_noise(index.tolist(), x.shape[1:], seed=args.seed).to(device=device, dtype=x.dtype)
-            pos = list(range(n_images, n_images + x.shape[0]))
-            in_grid = torch.tensor([p in grid_pos for p in pos], device=device)
-            n_images += x.shape[0]
-            for s255 in all_sigmas:
-                key = level_key(s255)
-                sigma = s255 / 255.
-                y = x + sigma * eps
-                pred = None
-                if can_classify:
-                    logits = model(y).float()
-                    prob = logits.softmax(-1)
-                    pred = logits.argmax(-1)
-                    if key in correct:
-                        correct[key].append(metrics.top1_correct(logits, target).cpu())
-                        confidence[key].append(prob.max(-1).values.cpu())
-                if key not in per['noisy']:
-                    continue
-                per['noisy'][key].append(metrics.psnr(y, x, clamp=False).cpu())
-                if not has_denoiser:
-                    continue
-                d_blind = model.denoise(y) if getattr(model, 'blind', True) else model.denoise(y, sigma=sigma)
-                if not (is_joint and can_classify):
-                    per['blind'][key].append(metrics.psnr(d_blind, x).cpu())
-                    per['ssim_blind'][key].append(metrics.ssim(d_blind, x).cpu())
-                    if s255 == grid_sigma and bool(in_grid.any()):
-                        for name, t in (('clean', x), ('noisy', y), ('blind', d_blind), ('cond', d_blind),
-                                        ('labels', target)):
-                            grid_rows[name].append(t[in_grid].cpu())
-                    continue
-                d_pred = model.denoise(y, sigma=sigma, c=pred)
-                per['blind'][key].append(metrics.psnr(d_blind, x).cpu())
-                per['cond_pred'][key].append(metrics.psnr(d_pred, x).cpu())
-                per['ssim_blind'][key].append(metrics.ssim(d_blind, x).cpu())
-                per['ssim_cond_pred'][key].append(metrics.ssim(d_pred, x).cpu())
-                d_true = None
-                if has_labels:
-                    d_true = model.denoise(y, sigma=sigma, c=target)
-                    per['cond_true'][key].append(metrics.psnr(d_true, x).cpu())
-                    per['ssim_cond_true'][key].append(metrics.ssim(d_true, x).cpu())
-                if s255 == grid_sigma and bool(in_grid.any()):
-                    cond = d_true if d_true is not None else d_pred
-                    for name, t in (('clean', x), ('noisy', y), ('blind', d_blind), ('cond', cond),
-                                    ('labels', target if has_labels else pred)):
-                        grid_rows[name].append(t[in_grid].cpu())
-            if ood_ds is not None:
-                _ood_scores(model, x, eps, args.ood_sigma / 255., is_joint, ood_scores['in'])
-            take = torch.tensor([p in attack_pos for p in pos])
-            if bool(take.any()):
-                attack_pool.append((x[take.to(device)], target[take.to(device)], index[take]))
-        if ood_ds is not None:
-            ood_loader = DataLoader(ood_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
-            for x, _, index in tqdm(ood_loader, desc='ood', disable=not args.progress, file=sys.stderr):
-                x = x.to(device)
-                # A different seed offset keeps the OOD noise independent of the in-distribution noise.
-                eps = fixed_eval_noise(index.tolist(), x.shape[1:], seed=args.seed + 1).to(device=device, dtype=x.dtype)
-                _ood_scores(model, x, eps, args.ood_sigma / 255., is_joint, ood_scores['out'])
 
-    results: Dict[str, Any] = {
-        'schema_version': SCHEMA_VERSION,
-        'model': {'name': args.model, 'checkpoint': args.checkpoint or info.get('folder') or info.get('source'),
-                  'num_params': info['num_params'],
-                  'architecture': info.get('architecture'), 'denoiser': has_denoiser},
-        'dataset': {'name': args.dataset, 'split': args.split, 'num_images': n_images, 'img_size': img_size,
-                    'labels': has_labels},
-        'seed': args.seed,
-        'units': {'sigma': '0-255', 'accuracy': '% top-1', 'ece': '%', 'psnr': 'dB', 'ssim': '[0, 1]',
-                  'auroc': '[0, 1]'},
-    }
-    results['accuracy'] = {k: 100. * float(torch.cat(correct[k]).double().mean()) for k in acc_keys}
-    results['ece'], results['reliability'] = {}, {}
-    for k in acc_keys:
-        value, bins = metrics.ece(torch.cat(confidence[k]), torch.cat(correct[k]))
-        results['ece'][k] = 100. * value
-        # JSON has no NaN: empty bins get null.
-        results['reliability'][k] = {name: [None if isinstance(v, float) and not math.isfinite(v) else v for v in vals]
-                                     for name, vals in bins.items()}
+class Batch:
+    """One batch of the evaluation pass, shared by the metrics: clean images x [B, C, H, W], labels
+    [B], dataset indices [B], the fixed noise eps [B, C, H, W] and the batch's positions in the
+    evaluated split; the noisy images and the model's logits at a noise level are computed once."""
 
-    def stat(name: str) -> Callable[[str], Any]:
-        return lambda k: _mean(per[name][k]) if per[name][k] else NA
+    def __init__(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, index: torch.Tensor,
+                 eps: torch.Tensor, positions: Sequence[int]):
+        self.model, self.x, self.target, self.index, self.eps = model, x, target, index, eps
+        self.positions = list(positions)
+        self._noisy: Dict[float, torch.Tensor] = {}
+        self._logits: Dict[float, torch.Tensor] = {}
 
-    results['noisy_psnr'] = _sigma_map(psnr_keys, stat('noisy'))
-    results['psnr'] = {name: _sigma_map(psnr_keys, stat(name)) for name in ('blind', 'cond_true', 'cond_pred')}
-    results['ssim'] = {name: _sigma_map(psnr_keys, stat(f'ssim_{name}')) for name in ('blind', 'cond_true', 'cond_pred')}
+    def noisy(self, sigma_255: float) -> torch.Tensor:
+        """y = x + sigma * eps, sigma in 0-255 units."""
+        if sigma_255 not in self._noisy:
+            self._noisy[sigma_255] = self.x + (sigma_255 / 255.) * self.eps
+        return self._noisy[sigma_255]
 
-    def gain(name: str) -> Callable[[str], Any]:
-        def fn(k: str) -> Any:
-            a, b = results['psnr'][name][k], results['psnr']['blind'][k]
+    def logits(self, sigma_255: float) -> torch.Tensor:
+        """The model's logits of y [B, num_classes], in float32."""
+        if sigma_255 not in self._logits:
+            self._logits[sigma_255] = self.model(self.noisy(sigma_255)).float()
+        return self._logits[sigma_255]
+
+    def select(self, positions: Set[int]) -> torch.Tensor:
+        """Which images of the batch stand at ``positions`` of the split, a bool mask [B] on the CPU."""
+        return torch.tensor([p in positions for p in self.positions])
+
+
+class Metric:
+    """One family of results: ``update`` with every batch of the evaluation pass (under
+    ``torch.no_grad()``), then ``result`` (keys of results.json, in the order they are written) and
+    ``figures`` once at the end. Metrics that need no pass over the data do their work in ``result``."""
+
+    # Figures are drawn in this order, the order results.json has always listed them in.
+    figure_order = 0
+
+    def update(self, batch: Batch) -> None:
+        pass
+
+    def result(self) -> Dict[str, Any]:
+        return {}
+
+    def figures(self, results: Dict[str, Any], fig_dir: Path) -> List[Path]:
+        return []
+
+
+class NoisyAccuracy(Metric):
+    """Top-1 accuracy (%) at each noise level of ``sigmas_255``: ``accuracy``."""
+
+    def __init__(self, sigmas_255: Sequence[float]):
+        self.levels = sorted(set(sigmas_255))
+        self.keys = [level_key(s) for s in sigmas_255]
+        self.correct: Dict[str, List[torch.Tensor]] = {k: [] for k in self.keys}
+
+    def update(self, batch: Batch) -> None:
+        for s255 in self.levels:
+            self.correct[level_key(s255)].append(metrics.top1_correct(batch.logits(s255), batch.target).cpu())
+
+    def result(self) -> Dict[str, Any]:
+        return {'accuracy': {k: 100. * float(torch.cat(self.correct[k]).double().mean()) for k in self.keys}}
+
+
+class Calibration(NoisyAccuracy):
+    """Expected calibration error (%) and reliability bins of the max softmax at each noise level:
+    ``ece``, ``reliability``; the reliability diagram at sigma 0 (or the first level)."""
+
+    figure_order = 3
+
+    def __init__(self, sigmas_255: Sequence[float]):
+        super().__init__(sigmas_255)
+        self.confidence: Dict[str, List[torch.Tensor]] = {k: [] for k in self.keys}
+
+    def update(self, batch: Batch) -> None:
+        super().update(batch)
+        for s255 in self.levels:
+            self.confidence[level_key(s255)].append(batch.logits(s255).softmax(-1).max(-1).values.cpu())
+
+    def result(self) -> Dict[str, Any]:
+        ece, reliability = {}, {}
+        for k in self.keys:
+            value, bins = metrics.ece(torch.cat(self.confidence[k]), torch.cat(self.correct[k]))
+            ece[k] = 100. * value
+            # JSON has no NaN: empty bins get null.
+            reliability[k] = {name: [None if isinstance(v, float) and not math.isfinite(v) else v for v in vals]
+                              for name, vals in bins.items()}
+        return {'ece': ece, 'reliability': reliability}
+
+    def figures(self, results: Dict[str, Any], fig_dir: Path) -> List[Path]:
+        from . import figures
+        if not self.keys:
+            return []
+        k = '0' if '0' in self.keys else self.keys[0]
+        return [figures.reliability_diagram(
+            results['reliability'][k], fig_dir / 'reliability.png',
+            title=f'sigma={k}: top-1 {results["accuracy"][k]:.1f}%, ECE {results["ece"][k]:.2f}%')]
+
+
+class Denoising(Metric):
+    """PSNR and SSIM at each noise level of ``sigmas_255`` (> 0): of the noisy images, of the blind D(y)
+    and, for a joint model, of D(y, c) with the true class (when the data has labels) and with the
+    predicted one: ``noisy_psnr``, ``psnr``, ``ssim``, ``cond_gain_db`` ("n/a" where a denoiser cannot
+    say), and ``training`` (its training noise range). Figures: a denoising grid at sigma 25 (or the
+    middle level) and PSNR against sigma."""
+
+    VARIANTS = ('blind', 'cond_true', 'cond_pred')
+
+    def __init__(self, model: nn.Module, sigmas_255: Sequence[float], *, has_labels: bool,
+                 grid_positions: Set[int], training: Dict[str, Any]):
+        self.denoises, self.conditional, self.has_labels = is_denoiser(model), is_joint(model), has_labels
+        self.levels = sorted(set(sigmas_255))
+        self.keys = [level_key(s) for s in sigmas_255]
+        self.per: Dict[str, Dict[str, List[torch.Tensor]]] = {
+            name: {k: [] for k in self.keys}
+            for name in ('noisy',) + self.VARIANTS + tuple(f'ssim_{v}' for v in self.VARIANTS)}
+        self.grid_sigma = 25. if 25. in sigmas_255 else (
+            sorted(sigmas_255)[len(sigmas_255) // 2] if sigmas_255 else None)
+        self.grid_positions = grid_positions
+        self.grid: Dict[str, List[torch.Tensor]] = {name: [] for name in ('clean', 'noisy', 'blind', 'cond', 'labels')}
+        self.training = training
+
+    def update(self, batch: Batch) -> None:
+        x, target, model = batch.x, batch.target, batch.model
+        in_grid = batch.select(self.grid_positions).to(x.device)
+        for s255 in self.levels:
+            key, sigma, y = level_key(s255), s255 / 255., batch.noisy(s255)
+            self.per['noisy'][key].append(metrics.psnr(y, x, clamp=False).cpu())
+            if not self.denoises:
+                continue
+            denoised = {'blind': denoise_blind(model, y, sigma)}
+            labels = target
+            if self.conditional:
+                pred = batch.logits(s255).argmax(-1)
+                denoised['cond_pred'] = model.denoise(y, sigma=sigma, c=pred)
+                if self.has_labels:
+                    denoised['cond_true'] = model.denoise(y, sigma=sigma, c=target)
+                else:
+                    labels = pred
+            for name, d in denoised.items():
+                self.per[name][key].append(metrics.psnr(d, x).cpu())
+                self.per[f'ssim_{name}'][key].append(metrics.ssim(d, x).cpu())
+            if s255 == self.grid_sigma and bool(in_grid.any()):
+                cond = denoised.get('cond_true', denoised.get('cond_pred', denoised['blind']))
+                for name, t in (('clean', x), ('noisy', y), ('blind', denoised['blind']), ('cond', cond),
+                                ('labels', labels)):
+                    self.grid[name].append(t[in_grid].cpu())
+
+    def _stat(self, name: str, key: str) -> Any:
+        values = self.per[name][key]
+        return _mean(values) if values else NA
+
+    def result(self) -> Dict[str, Any]:
+        psnr = {v: {k: self._stat(v, k) for k in self.keys} for v in self.VARIANTS}
+
+        def gain(variant: str, k: str) -> Any:
+            a, b = psnr[variant][k], psnr['blind'][k]
             return a - b if isinstance(a, float) and isinstance(b, float) else NA
-        return fn
 
-    results['cond_gain_db'] = {'true': _sigma_map(psnr_keys, gain('cond_true')),
-                               'pred': _sigma_map(psnr_keys, gain('cond_pred'))}
-    results['training'] = training
-
-    if ood_ds is not None:
-        auroc = {}
-        for score in ('neg_energy', 'max_softmax'):
-            s_in, s_out = ood_scores['in'][score], ood_scores['out'][score]
-            auroc[score] = metrics.auroc(torch.cat(s_in), torch.cat(s_out)) if s_in and s_out else NA
-        results['ood'] = {
-            'dataset': args.ood_dataset or '', 'data_dir': args.ood_data_dir, 'split': args.ood_split,
-            'num_images': sum(t.numel() for t in ood_scores['out']['max_softmax']),
-            'sigma': level_key(args.ood_sigma), 'auroc': auroc,
+        return {
+            'noisy_psnr': {k: self._stat('noisy', k) for k in self.keys},
+            'psnr': psnr,
+            'ssim': {v: {k: self._stat(f'ssim_{v}', k) for k in self.keys} for v in self.VARIANTS},
+            'cond_gain_db': {'true': {k: gain('cond_true', k) for k in self.keys},
+                             'pred': {k: gain('cond_pred', k) for k in self.keys}},
+            'training': self.training,
         }
 
-    # 3. Robustness: the model and the reference on the same grid, images and noise.
-    if args.attack:
-        images = torch.cat([a[0] for a in attack_pool])
-        labels = torch.cat([a[1] for a in attack_pool])
-        indices = torch.cat([a[2] for a in attack_pool]).tolist()
+    def figures(self, results: Dict[str, Any], fig_dir: Path) -> List[Path]:
+        from . import figures
+        written = []
+        if self.grid['clean']:
+            grid = {name: torch.cat(rows) for name, rows in self.grid.items()}
+            written.append(figures.denoising_grid(
+                grid['clean'], grid['noisy'], grid['blind'], grid['cond'], fig_dir / 'denoising_grid.png',
+                sigma_255=self.grid_sigma, titles=[f'class {int(c)}' for c in grid['labels']]))
+        if self.denoises and self.keys:
+            written.append(figures.psnr_vs_sigma(results, fig_dir / 'psnr_vs_sigma.png',
+                                                 train_sigma_max_255=self.training['sigma_max_255']))
+        return written
+
+
+class OODDetection(Metric):
+    """AUROC of telling the evaluated images (in) from another dataset's (out) at one noise level, by
+    -E(y) (a joint model: it ranks images as log p_sigma(y) does, at any sigma) and by the max softmax
+    (the baseline): ``ood``."""
+
+    SCORES = ('neg_energy', 'max_softmax')
+
+    def __init__(self, model: nn.Module, ood_ds: Any, args: argparse.Namespace, device: torch.device):
+        self.model, self.ood_ds, self.args, self.device = model, ood_ds, args, device
+        self.sigma = args.ood_sigma / 255.
+        self.scores: Dict[str, Dict[str, List[torch.Tensor]]] = {
+            side: {name: [] for name in self.SCORES} for side in ('in', 'out')}
+
+    def update(self, batch: Batch) -> None:
+        self._score(batch.x, batch.eps, self.scores['in'])
+
+    def _score(self, x: torch.Tensor, eps: torch.Tensor, store: Dict[str, List[torch.Tensor]]) -> None:
+        y = x + self.sigma * eps if self.sigma > 0 else x
+        if has_energy(self.model):
+            logits, energy = self.model.forward_joint(y)
+            store['neg_energy'].append(-energy.double().cpu())
+        else:
+            logits = self.model(y)
+        store['max_softmax'].append(logits.float().softmax(-1).max(-1).values.double().cpu())
+
+    def result(self) -> Dict[str, Any]:
+        from torch.utils.data import DataLoader
+        from tqdm import tqdm
+        args = self.args
+        loader = DataLoader(self.ood_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+        with torch.no_grad():
+            for x, _, index in tqdm(loader, desc='ood', disable=not args.progress, file=sys.stderr):
+                x = x.to(self.device)
+                # A different seed offset keeps the OOD noise independent of the in-distribution noise.
+                eps = fixed_eval_noise(index.tolist(), x.shape[1:], seed=args.seed + 1).to(device=self.device,
+                                                                                          dtype=x.dtype)
+                self._score(x, eps, self.scores['out'])
+        auroc = {}
+        for name in self.SCORES:
+            s_in, s_out = self.scores['in'][name], self.scores['out'][name]
+            auroc[name] = metrics.auroc(torch.cat(s_in), torch.cat(s_out)) if s_in and s_out else NA
+        return {'ood': {
+            'dataset': args.ood_dataset or '', 'data_dir': args.ood_data_dir, 'split': args.ood_split,
+            'num_images': sum(t.numel() for t in self.scores['out']['max_softmax']),
+            'sigma': level_key(args.ood_sigma), 'auroc': auroc,
+        }}
+
+
+class Attacks(Metric):
+    """Robust top-1 (%) under PGD (foolbox) over (epsilon, test-time sigma) grids, for the model and the
+    reference on the same images and noise: ``robustness``, and its curves."""
+
+    figure_order = 1
+
+    def __init__(self, models: Dict[str, nn.Module], positions: Set[int], args: argparse.Namespace,
+                 ref_info: Optional[Dict[str, Any]]):
+        self.models, self.positions, self.args, self.ref_info = models, positions, args, ref_info
+        self.pool: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def update(self, batch: Batch) -> None:
+        take = batch.select(self.positions)
+        if bool(take.any()):
+            on_device = take.to(batch.x.device)
+            self.pool.append((batch.x[on_device], batch.target[on_device], batch.index[take]))
+
+    def result(self) -> Dict[str, Any]:
+        from tqdm import tqdm
+        args = self.args
+        images = torch.cat([a[0] for a in self.pool])
+        labels = torch.cat([a[1] for a in self.pool])
+        indices = torch.cat([a[2] for a in self.pool]).tolist()
         eps_grid = {'linf': [e / 255. for e in args.linf_epsilons], 'l2': list(args.l2_epsilons)}
-        models = {args.model: model}
-        if reference is not None:
-            ref_name = args.reference_model if args.reference_model != args.model else f'{args.reference_model} (reference)'
-            models[ref_name] = reference
-        total = len(models) * len(args.attack_sigmas) * len(args.attack) * images.shape[0]
+        total = len(self.models) * len(args.attack_sigmas) * len(args.attack) * images.shape[0]
         acc = {}
         with tqdm(total=total, desc='attack', disable=not args.progress, file=sys.stderr) as bar:
-            for name, m in models.items():
+            for name, m in self.models.items():
                 acc[name] = robust_accuracy_grid(
                     m, images, labels, indices, attacks=args.attack, epsilons=eps_grid,
                     sigmas=[s / 255. for s in args.attack_sigmas], steps=args.attack_steps,
                     seed=args.seed, batch_size=args.batch_size, progress=bar.update)
-        results['robustness'] = {
-            'num_images': int(images.shape[0]), 'steps': args.attack_steps, 'sigmas': [level_key(s) for s in args.attack_sigmas],
+        return {'robustness': {
+            'num_images': int(images.shape[0]), 'steps': args.attack_steps,
+            'sigmas': [level_key(s) for s in args.attack_sigmas],
             'epsilon_units': {'linf': '1/255', 'l2': 'L2 norm, [0, 1] pixels'},
             'robustbench': {'linf': '8', 'l2': '0.5'},
             'reference': {'name': args.reference_model, 'checkpoint': args.reference_checkpoint,
-                          'num_params': ref_info['num_params']} if ref_info else None,
+                          'num_params': self.ref_info['num_params']} if self.ref_info else None,
             'accuracy': acc,
-        }
+        }}
 
-    # 3b. Certified robustness: randomized smoothing, the model and the reference on the same images and noise.
-    if args.certify:
-        positions = _spread(len(ds), args.certify_images)
-        items = [ds[p] for p in positions]
-        models, folders = {args.model: model}, {args.model: info.get('folder')}
-        if reference is not None:
-            ref_name = (args.reference_model if args.reference_model != args.model
-                        else f'{args.reference_model} (reference)')
-            models[ref_name], folders[ref_name] = reference, ref_info.get('folder')
-        results['certify'] = certify_grid(
-            models, torch.stack([it[0] for it in items]).to(device), torch.tensor([int(it[1]) for it in items]),
-            [int(it[2]) for it in items], sigmas=[s / 255. for s in args.certify_sigmas], modes=certify_mode_list,
+    def figures(self, results: Dict[str, Any], fig_dir: Path) -> List[Path]:
+        from . import figures
+        return [figures.robustness_curves(results['robustness'], fig_dir / 'robustness.png')]
+
+
+class Certification(Metric):
+    """Certified L2 robustness by randomized smoothing (``robustness.certify_grid``), the model and the
+    reference on the same images and noise, with where each classifier was trained: ``certify``, and
+    the certified accuracy against radius."""
+
+    figure_order = 2
+
+    def __init__(self, models: Dict[str, nn.Module], folders: Dict[str, Optional[str]], ds: Any,
+                 args: argparse.Namespace, device: torch.device):
+        self.models, self.folders, self.ds, self.args, self.device = models, folders, ds, args, device
+
+    def result(self) -> Dict[str, Any]:
+        args = self.args
+        items = [self.ds[p] for p in _spread(len(self.ds), args.certify_images)]
+        certify = certify_grid(
+            self.models, torch.stack([it[0] for it in items]).to(self.device),
+            torch.tensor([int(it[1]) for it in items]), [int(it[2]) for it in items],
+            sigmas=[s / 255. for s in args.certify_sigmas], modes=_certify_mode_list(args),
             n0=args.certify_n0, n=args.certify_n, alpha=args.certify_alpha,
             batch_size=args.batch_size if args.certify_batch_size is None else args.certify_batch_size,
             seed=args.seed, progress=args.progress,
             log=lambda line: print(line, file=sys.stderr, flush=True))
         # Where each classifier was trained: a sigma outside its classification noise is extrapolation.
-        training_cls = {name: read_training_cls_noise(folder) for name, folder in folders.items()}
-        results['certify']['training'] = training_cls
-        results['certify']['outside_training'] = {
-            name: _outside_cls_range(results['certify']['sigmas'], t) for name, t in training_cls.items()}
+        training_cls = {name: read_training_cls_noise(folder) for name, folder in self.folders.items()}
+        certify['training'] = training_cls
+        certify['outside_training'] = {
+            name: _outside_cls_range(certify['sigmas'], t) for name, t in training_cls.items()}
+        return {'certify': certify}
 
-    # 4. The Jacobian spectrum of the denoiser at the first noisy image.
-    eigen = None
-    if is_joint and args.eigen_k > 0:
-        x0, _, i0 = ds[0]
+    def figures(self, results: Dict[str, Any], fig_dir: Path) -> List[Path]:
+        from . import figures
+        return [figures.certified_accuracy_curves(results['certify'], fig_dir / 'certified_accuracy.png')]
+
+
+class JacobianSpectrum(Metric):
+    """Top and bottom eigenpairs of the denoiser's Jacobian at the first image of the split, noisy at
+    ``--eigen-sigma``, in float64 (``jacobian_eigs``): ``eigen``, and the eigenvectors."""
+
+    figure_order = 4
+
+    def __init__(self, model: nn.Module, ds: Any, args: argparse.Namespace, device: torch.device):
+        self.model, self.ds, self.args, self.device = model, ds, args, device
+        self.y0: Optional[torch.Tensor] = None
+        self.eigen: Optional[Dict[str, torch.Tensor]] = None
+
+    def result(self) -> Dict[str, Any]:
+        args = self.args
+        x0, _, i0 = self.ds[0]
         eps0 = fixed_eval_noise([i0], x0.shape, seed=args.seed)
-        y0 = (x0[None] + args.eigen_sigma / 255. * eps0).to(device=device, dtype=torch.float64)
-        model64 = copy.deepcopy(model).double()
-        eigen = jacobian_eigs(model64.energy, y0, k=min(args.eigen_k, y0.numel() - 1), seed=args.seed)
+        self.y0 = (x0[None] + args.eigen_sigma / 255. * eps0).to(device=self.device, dtype=torch.float64)
+        model64 = copy.deepcopy(self.model).double()
+        self.eigen = jacobian_eigs(model64.energy, self.y0, k=min(args.eigen_k, self.y0.numel() - 1), seed=args.seed)
         del model64
-        results['eigen'] = {
-            'image_index': int(i0), 'sigma': level_key(args.eigen_sigma), 'k': int(eigen['top_values'].numel()),
-            'top': [float(v) for v in eigen['top_values']], 'bottom': [float(v) for v in eigen['bottom_values']],
-        }
+        return {'eigen': {
+            'image_index': int(i0), 'sigma': level_key(args.eigen_sigma), 'k': int(self.eigen['top_values'].numel()),
+            'top': [float(v) for v in self.eigen['top_values']],
+            'bottom': [float(v) for v in self.eigen['bottom_values']],
+        }}
+
+    def figures(self, results: Dict[str, Any], fig_dir: Path) -> List[Path]:
+        from . import figures
+        e = self.eigen
+        return [figures.eigenvector_figure(
+            self.y0[0].float(), e['top_values'].tolist(), e['top_vectors'], e['bottom_values'].tolist(),
+            e['bottom_vectors'], fig_dir / 'jacobian_eigenvectors.png', sigma_255=self.args.eigen_sigma)]
+
+
+def build_metrics(args: argparse.Namespace, setup: _Setup) -> List[Metric]:
+    """The metrics ``args`` asks for, in the order their results are written."""
+    ds, model = setup.ds, setup.model
+    models, folders = {args.model: model}, {args.model: setup.info.get('folder')}
+    if setup.reference is not None:
+        ref_name = args.reference_model if args.reference_model != args.model else f'{args.reference_model} (reference)'
+        models[ref_name], folders[ref_name] = setup.reference, setup.ref_info.get('folder')
+    out: List[Metric] = [
+        NoisyAccuracy(args.sigmas), Calibration(args.sigmas),
+        Denoising(model, args.psnr_sigmas, has_labels=setup.has_labels,
+                  grid_positions=set(_spread(len(ds), args.grid_images)),
+                  training=read_training_sigma_max(setup.info.get('folder'), args.train_sigma_max)),
+    ]
+    if setup.ood_ds is not None:
+        out.append(OODDetection(model, setup.ood_ds, args, setup.device))
+    if args.attack:
+        out.append(Attacks(models, set(_spread(len(ds), args.attack_images)), args, setup.ref_info))
+    if args.certify:
+        out.append(Certification(models, folders, ds, args, setup.device))
+    if has_energy(model) and args.eigen_k > 0:
+        out.append(JacobianSpectrum(model, ds, args, setup.device))
+    return out
+
+
+def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run the evaluation that ``args`` describes and write OUT/results.json, results.md and figures.
+
+    Every check on the inputs (options, output folder, checkpoints, datasets) happens before the
+    first image is scored. One pass over the data updates every metric (``build_metrics``) with the
+    same noisy images; each then gives its results and figures.
+
+    Returns:
+        The results dictionary (as written).
+    """
+    from tqdm import tqdm
+    from torch.utils.data import DataLoader
+
+    setup = _prepare(args)
+    device, out_dir = setup.device, Path(args.out)
+    metric_list = build_metrics(args, setup)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    loader = DataLoader(setup.ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    n_images = 0
+    with torch.no_grad():
+        for x, target, index in tqdm(loader, desc='evaluate', disable=not args.progress, file=sys.stderr):
+            x, target = x.to(device), target.to(device)
+            eps = fixed_eval_noise(index.tolist(), x.shape[1:], seed=args.seed).to(device=device, dtype=x.dtype)
+            batch = Batch(setup.model, x, target, index, eps, range(n_images, n_images + x.shape[0]))
+            n_images += x.shape[0]
+            for metric in metric_list:
+                metric.update(batch)
+
+    info = setup.info
+    results: Dict[str, Any] = {
+        'schema_version': SCHEMA_VERSION,
+        'model': {'name': args.model, 'checkpoint': args.checkpoint or info.get('folder') or info.get('source'),
+                  'num_params': info['num_params'],
+                  'architecture': info.get('architecture'), 'denoiser': is_denoiser(setup.model)},
+        'dataset': {'name': args.dataset, 'split': args.split, 'num_images': n_images, 'img_size': setup.img_size,
+                    'labels': setup.has_labels},
+        'seed': args.seed,
+        'units': {'sigma': '0-255', 'accuracy': '% top-1', 'ece': '%', 'psnr': 'dB', 'ssim': '[0, 1]',
+                  'auroc': '[0, 1]'},
+    }
+    for metric in metric_list:
+        results.update(metric.result())
     results['eval_time_s'] = round(time.time() - t0, 2)
 
-    # 5. Figures, then the results (written last, atomically).
+    # Figures, then the results (written last, atomically).
     fig_dir = out_dir / 'figures'
-    written = []
-    if grid_rows['clean']:
-        grid = {name: torch.cat(rows) for name, rows in grid_rows.items()}
-        written.append(figures.denoising_grid(
-            grid['clean'], grid['noisy'], grid['blind'], grid['cond'], fig_dir / 'denoising_grid.png',
-            sigma_255=grid_sigma, titles=[f'class {int(c)}' for c in grid['labels']]))
-    if has_denoiser and psnr_keys:
-        written.append(figures.psnr_vs_sigma(results, fig_dir / 'psnr_vs_sigma.png',
-                                             train_sigma_max_255=training['sigma_max_255']))
-    if 'robustness' in results:
-        written.append(figures.robustness_curves(results['robustness'], fig_dir / 'robustness.png'))
-    if 'certify' in results:
-        written.append(figures.certified_accuracy_curves(results['certify'], fig_dir / 'certified_accuracy.png'))
-    if acc_keys:
-        k = '0' if '0' in acc_keys else acc_keys[0]
-        written.append(figures.reliability_diagram(
-            results['reliability'][k], fig_dir / 'reliability.png',
-            title=f'sigma={k}: top-1 {results["accuracy"][k]:.1f}%, ECE {results["ece"][k]:.2f}%'))
-    if eigen is not None:
-        written.append(figures.eigenvector_figure(
-            y0[0].float(), eigen['top_values'].tolist(), eigen['top_vectors'],
-            eigen['bottom_values'].tolist(), eigen['bottom_vectors'], fig_dir / 'jacobian_eigenvectors.png',
-            sigma_255=args.eigen_sigma))
+    written = [p for metric in sorted(metric_list, key=lambda m: m.figure_order)
+               for p in metric.figures(results, fig_dir)]
     results['figures'] = [str(Path(p).relative_to(out_dir)) for p in written]
     results['command'] = args.command
     validate_results(results)
-    _write_atomic(out_dir / 'results.md', render_markdown(results), overwrite=True)
-    _write_atomic(results_path, json.dumps(results, indent=2, allow_nan=False) + '\n', overwrite=args.overwrite)
+    atomic_write(out_dir / 'results.md', render_markdown(results))
+    atomic_write(out_dir / 'results.json', json.dumps(results, indent=2, allow_nan=False) + '\n',
+                 overwrite=args.overwrite)
     return results
-
-
-def _ood_scores(model: nn.Module, x: torch.Tensor, eps: torch.Tensor, sigma: float, has_denoiser: bool,
-                store: Dict[str, List[torch.Tensor]]) -> None:
-    y = x + sigma * eps if sigma > 0 else x
-    if has_denoiser:
-        logits, energy = model.forward_joint(y)
-        # -E(y) ranks images as log p_sigma(y) = -E(y) / sigma^2 + const does, at any sigma.
-        store['neg_energy'].append(-energy.double().cpu())
-    else:
-        logits = model(y)
-    store['max_softmax'].append(logits.float().softmax(-1).max(-1).values.double().cpu())
 
 
 def _certify_mode_list(args: argparse.Namespace) -> List[str]:
@@ -842,174 +842,10 @@ def _outside_cls_range(sigma_keys: Sequence[str], cls_noise: Dict[str, Any]) -> 
     return [k for k in sigma_keys if float(k) > top + 1e-6]
 
 
-def _write_atomic(path: Path, text: str, *, overwrite: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    tmp.write_text(text)
-    if not overwrite and path.exists():
-        tmp.unlink()
-        raise FileExistsError(f'{path} appeared while evaluating: refusing to overwrite it (pass --overwrite)')
-    os.replace(tmp, path)
-
-
-# -- results: schema and Markdown ---------------------------------------------------------------------
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check_sigma_map(d: Any, where: str, lo: float = -math.inf, hi: float = math.inf, allow_na: bool = True) -> None:
-    if not isinstance(d, dict):
-        raise ValueError(f'results: {where} must be a mapping from noise level (0-255, as a string) to a value')
-    for k, v in d.items():
-        try:
-            ok = isinstance(k, str) and level_key(float(k)) == k and float(k) >= 0
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f'results: {where} has key {k!r}; expected a 0-255 level written like "25"')
-        if v == NA and allow_na:
-            continue
-        if not _is_num(v) or not lo <= v <= hi:
-            raise ValueError(f'results: {where}[{k!r}] = {v!r}; expected a number in [{lo}, {hi}]'
-                             + (' or "n/a"' if allow_na else ''))
-
-
-def validate_results(d: Any) -> None:
-    """Check a results dictionary against schema version 1; raise ValueError naming the first problem.
-
-    Required: ``schema_version`` (1); ``model`` {name: str, checkpoint: str or null, num_params: int};
-    ``dataset`` {name: str, split: str, num_images: int > 0, img_size: int > 0}; sigma maps (keys are
-    0-255 levels as strings, e.g. "25") ``accuracy`` (% top-1), ``ece`` (%), ``noisy_psnr`` (dB),
-    ``psnr`` and ``ssim`` each {blind, cond_true, cond_pred}, ``cond_gain_db`` {true, pred}; denoising
-    values may be "n/a". Optional: ``ood`` {auroc: {score: [0, 1] or "n/a"}}, ``robustness``
-    {accuracy: {model: {attack: {sigma: {epsilon: %}}}}}, ``eigen`` {top, bottom: lists of numbers},
-    ``certify`` (``_validate_certify``).
-    """
-    if not isinstance(d, dict):
-        raise ValueError(f'results must be a JSON object, got {type(d).__name__}')
-    if d.get('schema_version') != SCHEMA_VERSION:
-        raise ValueError(f'results: schema_version must be {SCHEMA_VERSION}, got {d.get("schema_version")!r}')
-    for key in ('model', 'dataset', 'accuracy', 'psnr', 'ssim', 'cond_gain_db', 'ece', 'noisy_psnr'):
-        if key not in d:
-            raise ValueError(f'results: missing required key {key!r}')
-    m = d['model']
-    if not isinstance(m, dict) or not isinstance(m.get('name'), str):
-        raise ValueError('results: model.name must be a string')
-    if 'checkpoint' not in m or not (m['checkpoint'] is None or isinstance(m['checkpoint'], str)):
-        raise ValueError('results: model.checkpoint must be a string or null')
-    if not isinstance(m.get('num_params'), int) or isinstance(m.get('num_params'), bool) or m['num_params'] < 0:
-        raise ValueError('results: model.num_params must be a non-negative integer')
-    ds = d['dataset']
-    if not isinstance(ds, dict) or not isinstance(ds.get('name'), str) or not isinstance(ds.get('split'), str):
-        raise ValueError('results: dataset.name and dataset.split must be strings')
-    for key in ('num_images', 'img_size'):
-        v = ds.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f'results: dataset.{key} must be a positive integer, got {v!r}')
-    _check_sigma_map(d['accuracy'], 'accuracy', 0, 100, allow_na=False)
-    _check_sigma_map(d['ece'], 'ece', 0, 100, allow_na=False)
-    _check_sigma_map(d['noisy_psnr'], 'noisy_psnr')
-    for group, names, lo, hi in (('psnr', ('blind', 'cond_true', 'cond_pred'), -math.inf, math.inf),
-                                 ('ssim', ('blind', 'cond_true', 'cond_pred'), -1, 1),
-                                 ('cond_gain_db', ('true', 'pred'), -math.inf, math.inf)):
-        if not isinstance(d[group], dict):
-            raise ValueError(f'results: {group} must be an object with keys {names}')
-        for name in names:
-            if name not in d[group]:
-                raise ValueError(f'results: missing {group}.{name}')
-            _check_sigma_map(d[group][name], f'{group}.{name}', lo, hi)
-    if 'ood' in d:
-        auroc = d['ood'].get('auroc') if isinstance(d['ood'], dict) else None
-        if not isinstance(auroc, dict) or not auroc:
-            raise ValueError('results: ood.auroc must be an object of scores')
-        for k, v in auroc.items():
-            if v != NA and not (_is_num(v) and 0 <= v <= 1):
-                raise ValueError(f'results: ood.auroc.{k} = {v!r}; expected a number in [0, 1] or "n/a"')
-    if 'robustness' in d:
-        acc = d['robustness'].get('accuracy') if isinstance(d['robustness'], dict) else None
-        if not isinstance(acc, dict) or not acc:
-            raise ValueError('results: robustness.accuracy must map model names to attack grids')
-        for name, grid in acc.items():
-            if not isinstance(grid, dict) or not grid:
-                raise ValueError(f'results: robustness.accuracy[{name!r}] must map attacks to grids')
-            for attack, per_sigma in grid.items():
-                if attack not in ATTACKS:
-                    raise ValueError(f'results: robustness.accuracy[{name!r}] has attack {attack!r}; expected {ATTACKS}')
-                if not isinstance(per_sigma, dict):
-                    raise ValueError(f'results: robustness.accuracy[{name!r}][{attack!r}] must map sigmas to cells')
-                for sigma, cells in per_sigma.items():
-                    _check_sigma_map({sigma: 0.}, f'robustness sigma of {name!r}', allow_na=False)
-                    if not isinstance(cells, dict) or not cells or not all(_is_num(v) and 0 <= v <= 100 for v in cells.values()):
-                        raise ValueError(
-                            f'results: robustness.accuracy[{name!r}][{attack!r}][{sigma!r}] must map epsilons to % in [0, 100]')
-    if 'certify' in d:
-        _validate_certify(d['certify'])
-    if 'eigen' in d:
-        e = d['eigen']
-        if not isinstance(e, dict) or not all(isinstance(e.get(k), list) and all(_is_num(v) for v in e[k])
-                                              for k in ('top', 'bottom')):
-            raise ValueError('results: eigen.top and eigen.bottom must be lists of numbers')
-
-
-def _validate_certify(c: Any) -> None:
-    """``certify``: settings n0, n (int >= 1), alpha in (0, 1), num_images; ``sigmas`` (0-255 keys) and
-    ``radii`` (L2, [0, 1] pixels); ``index`` and ``label`` [num_images]; ``max_radius`` {sigma: >= 0};
-    ``models`` {name: {mode in CERTIFY_MODES: {sigma: {accuracy: {radius: %}, abstain: %, curve: {radius,
-    accuracy}, prediction: [num_images] ints >= -1, radius: [num_images] >= 0}}}}."""
-    if not isinstance(c, dict):
-        raise ValueError('results: certify must be an object')
-    for key in ('n0', 'n', 'num_images'):
-        v = c.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f'results: certify.{key} must be a positive integer, got {v!r}')
-    if not (_is_num(c.get('alpha')) and 0 < c['alpha'] < 1):
-        raise ValueError(f'results: certify.alpha must be in (0, 1), got {c.get("alpha")!r}')
-    n_img = c['num_images']
-    for key in ('sigmas', 'radii'):
-        if not isinstance(c.get(key), list) or not c[key]:
-            raise ValueError(f'results: certify.{key} must be a non-empty list')
-    _check_sigma_map({k: 0. for k in c['sigmas']}, 'certify.sigmas', allow_na=False)
-    _check_sigma_map(c.get('max_radius'), 'certify.max_radius', 0, math.inf, allow_na=False)
-    for key in ('index', 'label'):
-        v = c.get(key)
-        if not isinstance(v, list) or len(v) != n_img or not all(isinstance(i, int) and i >= 0 for i in v):
-            raise ValueError(f'results: certify.{key} must be a list of {n_img} non-negative integers')
-    models = c.get('models')
-    if not isinstance(models, dict) or not models:
-        raise ValueError('results: certify.models must map model names to base classifiers')
-    for name, per_mode in models.items():
-        if not isinstance(per_mode, dict) or not per_mode or not set(per_mode) <= set(CERTIFY_MODES):
-            raise ValueError(f'results: certify.models[{name!r}] must map base classifiers {CERTIFY_MODES} to sigmas')
-        for mode, per_sigma in per_mode.items():
-            where = f'certify.models[{name!r}][{mode!r}]'
-            if not isinstance(per_sigma, dict) or set(per_sigma) != set(c['sigmas']):
-                raise ValueError(f'results: {where} must have one cell per sigma {c["sigmas"]}')
-            for sigma, cell in per_sigma.items():
-                w = f'{where}[{sigma!r}]'
-                if not isinstance(cell, dict):
-                    raise ValueError(f'results: {w} must be an object')
-                acc = cell.get('accuracy')
-                if (not isinstance(acc, dict) or set(acc) != set(c['radii'])
-                        or not all(_is_num(v) and 0 <= v <= 100 for v in acc.values())):
-                    raise ValueError(f'results: {w}.accuracy must map the radii {c["radii"]} to % in [0, 100]')
-                if not (_is_num(cell.get('abstain')) and 0 <= cell['abstain'] <= 100):
-                    raise ValueError(f'results: {w}.abstain must be a % in [0, 100]')
-                pred, rad = cell.get('prediction'), cell.get('radius')
-                if (not isinstance(pred, list) or len(pred) != n_img
-                        or not all(isinstance(p, int) and not isinstance(p, bool) and p >= -1 for p in pred)):
-                    raise ValueError(f'results: {w}.prediction must be {n_img} class indices (-1: abstain)')
-                if not isinstance(rad, list) or len(rad) != n_img or not all(_is_num(r) and r >= 0 for r in rad):
-                    raise ValueError(f'results: {w}.radius must be {n_img} radii >= 0')
-                curve = cell.get('curve')
-                if (not isinstance(curve, dict) or not isinstance(curve.get('radius'), list)
-                        or not isinstance(curve.get('accuracy'), list) or len(curve['radius']) != len(curve['accuracy'])
-                        or not all(_is_num(v) for v in curve['radius'] + curve['accuracy'])):
-                    raise ValueError(f'results: {w}.curve must hold two lists of numbers of equal length, radius and accuracy')
-
+# -- results: Markdown -------------------------------------------------------------------------------
 
 def _fmt(v: Any, digits: int = 2) -> str:
-    return f'{v:.{digits}f}' if _is_num(v) else (str(v) if v is not None else '')
+    return f'{v:.{digits}f}' if is_number(v) else (str(v) if v is not None else '')
 
 
 def render_markdown(results: Dict[str, Any]) -> str:

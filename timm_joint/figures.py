@@ -5,12 +5,13 @@ drawing never touches the global backend of a user's session (a notebook keeps i
 without a display. Each function takes plain arrays or the results dictionary and writes one file.
 """
 import math
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from .io import atomic_file
 
 __all__ = [
     'denoising_grid', 'psnr_vs_sigma', 'robustness_curves', 'certified_accuracy_curves', 'reliability_diagram',
@@ -29,12 +30,9 @@ def _new_figure(width: float, height: float):
 
 
 def _save(fig, path: PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp.png')
-    fig.savefig(tmp, format='png', bbox_inches='tight')
-    os.replace(tmp, path)
-    return path
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format='png', bbox_inches='tight')
+    return Path(path)
 
 
 def _to_hwc(img: Union[torch.Tensor, np.ndarray]) -> np.ndarray:

@@ -11,21 +11,19 @@ optionally uploads it::
     python -m timm_joint.hub publish --checkpoint runs/NAME/export/best \\
         --results results/NAME.json --out hub/NAME --push --repo-id ORG/NAME
 
-Every number in the card comes from ``results.json``. Weights are only ever read from safetensors,
-or with ``torch.load(weights_only=True)``, which refuses pickles that would run code. The Hub token
+Every number in the card comes from ``results.json`` (checked by ``timm_joint.results``). Weights are
+only ever read by ``timm_joint.io.read_state_dict``: safetensors, or ``torch.load(weights_only=True)``,
+which refuses pickles that would run code. Models load with ``timm_joint.io.load_model``. The Hub token
 is left to huggingface_hub (``HF_TOKEN`` or ``hf auth login``): it is never printed, and a
 published folder that contains it is refused.
 """
 import argparse
 import json
-import math
 import os
-import pickle
 import re
 import shutil
 import string
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -33,23 +31,23 @@ import torch
 import torch.nn as nn
 import yaml
 from huggingface_hub import HfApi
-from safetensors.torch import load_file, save_file
 
+from . import results as results_schema
+from .io import (
+    REPO_ID, SAFE_WEIGHTS, atomic_dir, check_fits, create_from_config, read_config, read_state_dict, write_state_dict,
+)
 from .resources import resource_dir
+from .results import NA, is_number
 
 __all__ = [
-    'save_pretrained', 'atomic_replace_dir', 'load_export', 'load_results', 'validate_results',
-    'results_table', 'render_model_card', 'publish', 'push_to_hub', 'load_model', 'main',
+    'save_pretrained', 'load_export', 'load_results', 'validate_results',
+    'results_table', 'render_model_card', 'publish', 'push_to_hub', 'main',
 ]
 
 # Templates live in hub_cards/ at the repository root; a wheel carries them inside the package.
 CARD_DIR = resource_dir('hub_cards')
 CARD_TEMPLATE = CARD_DIR / 'model_card.md'
 
-# Weight files a folder may hold, in the order they are looked for; only the first is a safe format,
-# the others are read with torch.load(weights_only=True).
-SAFE_WEIGHTS = 'model.safetensors'
-PICKLE_WEIGHTS = ('pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
 PUBLISHED_FILES = ('README.md', 'config.json', SAFE_WEIGHTS)
 
 CITATION = """@article{thiry2024classification,
@@ -71,7 +69,6 @@ _DATASETS = {
 
 # Keys of a recorded training configuration that must never reach a card.
 _SECRET_KEY = re.compile(r'token|secret|password|passwd|api_?key|credential|auth', re.IGNORECASE)
-_REPO_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$')
 
 
 def _jsonable(value: Any) -> Any:
@@ -82,23 +79,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
-
-
-def atomic_replace_dir(tmp_dir: Union[str, Path], final_dir: Union[str, Path]) -> None:
-    """Move a fully written ``tmp_dir`` to ``final_dir``, replacing it without ever losing both.
-
-    The old folder is first renamed aside, then the new one renamed in, then the old one removed:
-    a kill at any point leaves either the old or the new folder whole (at worst under ``.old``).
-    """
-    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
-    old = final_dir.with_name(final_dir.name + '.old')
-    if old.exists():
-        shutil.rmtree(old)
-    if final_dir.exists():
-        os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def save_pretrained(
@@ -141,74 +121,21 @@ def save_pretrained(
         'model_args': _jsonable({**(getattr(model, 'arch_args', None) or {}), **(model_args or {})}),
     }
     config.update(_jsonable(extra_config or {}))
-    tensors = {k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.tmp-', dir=path.parent))
-    try:
-        save_file(tensors, str(tmp / 'model.safetensors'), metadata={'format': 'pt'})
+    with atomic_dir(path) as tmp:
+        write_state_dict(model.state_dict(), tmp / SAFE_WEIGHTS)
         with open(tmp / 'config.json', 'w') as f:
             json.dump(config, f, indent=2)
-        atomic_replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
 # -- reading an export ------------------------------------------------------------------------------
 
-def _read_config(folder: Path) -> Dict[str, Any]:
-    cfg_file = folder / 'config.json'
-    if not cfg_file.is_file():
-        raise FileNotFoundError(
-            f'{folder} has no config.json: expected a folder written by timm_joint.hub.save_pretrained '
-            f'(e.g. runs/NAME/export/best)')
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{cfg_file} is not valid JSON: {e}') from e
-    if not isinstance(config, dict):
-        raise ValueError(f'{cfg_file}: expected a JSON object, got {type(config).__name__}')
-    for key, kind in (('architecture', str), ('num_classes', int), ('pretrained_cfg', dict)):
-        if key not in config:
-            raise ValueError(f"{cfg_file}: missing key '{key}' (timm's config.json format)")
-        if not isinstance(config[key], kind) or isinstance(config[key], bool):
-            raise ValueError(f"{cfg_file}: '{key}' must be a {kind.__name__}, got {config[key]!r}")
-    if not isinstance(config.get('model_args', {}), dict):
-        raise ValueError(f"{cfg_file}: 'model_args' must be an object, got {config['model_args']!r}")
-    return config
-
-
-def _read_weights(folder: Path) -> Tuple[Dict[str, torch.Tensor], Path]:
-    safe = folder / SAFE_WEIGHTS
-    if safe.is_file():
-        return load_file(str(safe), device='cpu'), safe
-    for name in PICKLE_WEIGHTS:
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            # weights_only=True: the unpickler accepts tensors and plain containers only, so a pickle
-            # that would import and call anything (os.system, open, ...) is refused before it runs.
-            state_dict = torch.load(str(path), map_location='cpu', weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
-            raise ValueError(
-                f'refused to load {path}: it is not a plain tensor checkpoint (torch.load with '
-                f'weights_only=True rejected it: {type(e).__name__}). Only safetensors files or pickles '
-                f'of tensors are read; re-export trusted weights with save_pretrained.') from e
-        if not isinstance(state_dict, dict) or not all(
-                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
-            raise ValueError(f'{path}: expected a flat state dict of named tensors')
-        return state_dict, path
-    raise FileNotFoundError(
-        f'no weights in {folder}: expected {SAFE_WEIGHTS} (written by save_pretrained) '
-        f'or one of {", ".join(PICKLE_WEIGHTS)}')
-
-
 def load_export(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Read a folder written by ``save_pretrained`` and check that its weights rebuild the model.
 
     Weights come from ``model.safetensors``, or from a ``.bin``/``.pth`` read with
-    ``torch.load(weights_only=True)`` (a pickle that would run code is refused with a ValueError).
+    ``torch.load(weights_only=True)`` (``io.read_state_dict``: a pickle that would run code is refused
+    with a ValueError).
     The architecture is rebuilt from ``config.json`` and the weights loaded strictly, so a folder
     whose config and weights disagree fails here rather than on a user's machine.
 
@@ -221,90 +148,28 @@ def load_export(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[s
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f'checkpoint folder {folder} does not exist (expected e.g. runs/NAME/export/best)')
-    config = _read_config(folder)
-    state_dict, weights_file = _read_weights(folder)
-    _check_rebuilds(config, state_dict, weights_file)
-    return state_dict, config
-
-
-def _check_rebuilds(config: Dict[str, Any], state_dict: Dict[str, torch.Tensor], source: Path) -> None:
+    config = read_config(folder)
+    state_dict = read_state_dict(folder)
     import timm  # the registry: importing this package already registered GradResNet
     arch = config['architecture']
     if not timm.is_model(arch):
         raise ValueError(f"config.json names architecture {arch!r}, which timm does not know "
                          f"(is the package that registers it imported?)")
-    from .models.gradresnet import upgrade_model_args
-    kwargs = upgrade_model_args(config.get('model_args') or {}, arch)
-    kwargs.setdefault('num_classes', config['num_classes'])
-    # Structure only: the meta device allocates nothing; keys and shapes are compared below.
-    model = timm.create_model(arch, pretrained=False, device='meta', **kwargs)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(expected[k].shape) != tuple(state_dict[k].shape))
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f'{source} does not match {arch}({kwargs}): missing {missing[:5]}, unexpected {unexpected[:5]}, '
-            f'wrong shape {wrong[:5]}')
+    # Structure only: the meta device allocates nothing; keys and shapes are compared.
+    model = create_from_config(config, device='meta')
+    check_fits(model.state_dict(), state_dict, source=f'the weights in {folder}',
+               target=f'{arch}({config.get("model_args")})')
+    return state_dict, config
 
 
 # -- results.json ---------------------------------------------------------------------------------
 
-def _get(results: Dict[str, Any], dotted: str) -> Any:
-    # Name the first missing level: 'psnr' when there is no psnr at all, 'psnr.blind' when only that is.
-    node: Any = results
-    parts = dotted.split('.')
-    for i, part in enumerate(parts):
-        if not isinstance(node, dict) or part not in node:
-            raise ValueError(f"results.json: missing key '{'.'.join(parts[:i + 1])}'")
-        node = node[part]
-    return node
-
-
-# What the evaluation writes where a measurement does not apply (e.g. cond_true without labels).
-NA = 'n/a'
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _sigma_value(key: str, where: str) -> float:
-    try:
-        value = float(key)
-    except (TypeError, ValueError):
-        value = float('nan')
-    if not (0. <= value <= 255.):
-        raise ValueError(f"results.json: key {key!r} of '{where}' is not a noise level in 0-255 units "
-                         f"(expected a string such as '0' or '25')")
-    return value
-
-
-def _check_sigma_dict(results: Dict[str, Any], dotted: str, allow_zero: bool, allow_na: bool) -> Dict[str, Any]:
-    table = _get(results, dotted)
-    if not isinstance(table, dict) or not table:
-        raise ValueError(f"results.json: '{dotted}' must be a non-empty object mapping noise levels "
-                         f"(0-255, as strings) to numbers, got {table!r}")
-    for key, value in table.items():
-        sigma = _sigma_value(key, dotted)
-        if sigma == 0 and not allow_zero:
-            raise ValueError(f"results.json: '{dotted}' has noise level 0, where a PSNR is undefined")
-        if not (_is_number(value) or (allow_na and value == NA)):
-            raise ValueError(f"results.json: '{dotted}.{key}' must be a finite number"
-                             + (f" or {NA!r}" if allow_na else '') + f", got {value!r}")
-    return table
-
-
 def validate_results(results: Any) -> Dict[str, Any]:
-    """Check the parts of an evaluation's results that a card uses; raise naming what is missing.
+    """Check an evaluation's results for what a card uses (``timm_joint.results.validate_results``).
 
     Required: ``schema_version`` (1), ``model.name``, ``dataset.name`` ('' for an image folder),
-    ``dataset.split``, ``dataset.num_images``, ``accuracy`` ({sigma_255: top-1 %}) and ``psnr.blind``
-    ({sigma_255: dB}, at least one measured); ``psnr.cond_true`` and ``psnr.cond_pred`` are checked
-    when present. PSNR cells may be 'n/a' (not measurable), as the evaluation writes them.
-
-    Args:
-        results: The parsed ``results.json``.
+    ``dataset.split``, ``dataset.num_images``, ``accuracy`` and ``psnr.blind``, each with at least
+    one measured value; every other key present is checked as the evaluation writes it.
 
     Returns:
         The same dict.
@@ -312,42 +177,14 @@ def validate_results(results: Any) -> Dict[str, Any]:
     Raises:
         ValueError: A key is missing or has the wrong type; the message names it.
     """
-    if not isinstance(results, dict):
-        raise ValueError(f'results.json: expected a JSON object, got {type(results).__name__}')
-    version = _get(results, 'schema_version')
-    if version != 1:
-        raise ValueError(f"results.json: 'schema_version' {version!r} is not supported (expected 1)")
-    for dotted in ('model.name', 'dataset.name', 'dataset.split'):
-        value = _get(results, dotted)
-        # dataset.name is '' for an image folder (timm's convention); the others must say something.
-        if not isinstance(value, str) or (not value and dotted != 'dataset.name'):
-            raise ValueError(f"results.json: '{dotted}' must be a non-empty string, got {value!r}")
-    n = _get(results, 'dataset.num_images')
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise ValueError(f"results.json: 'dataset.num_images' must be a positive integer, got {n!r}")
-    _check_sigma_dict(results, 'accuracy', allow_zero=True, allow_na=False)
-    for value in results['accuracy'].values():
-        if not 0. <= value <= 100.:
-            raise ValueError(f"results.json: 'accuracy' holds top-1 in percent (0-100), got {value!r}")
-    blind = _check_sigma_dict(results, 'psnr.blind', allow_zero=False, allow_na=True)
-    if not any(_is_number(v) for v in blind.values()):
-        raise ValueError("results.json: 'psnr.blind' has no measured value (all 'n/a'): is this a denoiser?")
-    for variant in ('cond_true', 'cond_pred'):
-        if variant in results['psnr']:
-            _check_sigma_dict(results, f'psnr.{variant}', allow_zero=False, allow_na=True)
-    return results
+    return results_schema.validate_results(results, required=results_schema.CARD_REQUIRED,
+                                           measured=('accuracy', 'psnr.blind'))
 
 
 def load_results(path: Union[str, Path]) -> Dict[str, Any]:
-    """Read and validate a ``results.json`` written by ``python -m timm_joint.evaluate``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'results file {path} does not exist (write it with python -m timm_joint.evaluate)')
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{path} is not valid JSON: {e}') from e
-    return validate_results(results)
+    """Read a ``results.json`` written by ``python -m timm_joint.evaluate`` and check it for a card."""
+    return results_schema.load_results(path, required=results_schema.CARD_REQUIRED,
+                                       measured=('accuracy', 'psnr.blind'))
 
 
 _PSNR_COLUMNS = (
@@ -374,9 +211,9 @@ def results_table(results: Dict[str, Any], digits: int = 2) -> str:
     validate_results(results)
     columns = [('accuracy', results['accuracy'], 'Top-1 (%)')]
     columns += [(k, results['psnr'][k], title) for k, title in _PSNR_COLUMNS
-                if any(_is_number(v) for v in results['psnr'].get(k, {}).values())]
+                if any(is_number(v) for v in results['psnr'].get(k, {}).values())]
     keys = {k for _, table, _ in columns for k in table}
-    rows = sorted(keys, key=lambda k: (_sigma_value(k, 'table'), k))
+    rows = sorted(keys, key=float)
     lines = ['| sigma (0-255) | ' + ' | '.join(title for _, _, title in columns) + ' |',
              '|---:|' + '---:|' * len(columns)]
     for k in rows:
@@ -387,7 +224,7 @@ def results_table(results: Dict[str, Any], digits: int = 2) -> str:
 
 
 def _flatten_numbers(node: Any, prefix: str) -> List[Tuple[str, float]]:
-    if _is_number(node):
+    if is_number(node):
         return [(prefix, node)]
     if isinstance(node, dict):
         out = []
@@ -449,8 +286,7 @@ def _model_index(results: Dict[str, Any], name: str) -> List[Dict[str, Any]]:
 
     def by_sigma(table):
         # 'n/a' cells are not metrics: the model-index lists measured numbers only.
-        return sorted(((k, v) for k, v in table.items() if _is_number(v)),
-                      key=lambda kv: _sigma_value(kv[0], 'model-index'))
+        return sorted(((k, v) for k, v in table.items() if is_number(v)), key=lambda kv: float(kv[0]))
 
     cls_metrics = [{'type': 'accuracy', 'name': f'Top-1 accuracy, sigma={k}/255', 'value': v}
                    for k, v in by_sigma(results['accuracy'])]
@@ -563,8 +399,7 @@ def render_model_card(
     front_matter = yaml.safe_dump(front, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
     # The usage example's noise level is one the card reports (the middle blind-PSNR level).
-    levels = sorted((k for k, v in results['psnr']['blind'].items() if _is_number(v)),
-                    key=lambda k: _sigma_value(k, 'psnr.blind'))
+    levels = sorted((k for k, v in results['psnr']['blind'].items() if is_number(v)), key=float)
     sigma_255 = levels[len(levels) // 2]
     in_size = pcfg.get('input_size') or [3, 32, 32]
     registered = ''
@@ -630,7 +465,7 @@ def _assert_no_secret(folder: Path, extra_tokens: Sequence[str] = ()) -> None:
 
 
 def _check_repo_id(repo_id: str) -> str:
-    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or '..' in repo_id or len(repo_id) > 96:
+    if not isinstance(repo_id, str) or not REPO_ID.match(repo_id) or '..' in repo_id or len(repo_id) > 96:
         raise ValueError(f'repo id must look like ORG/NAME (letters, digits, ".", "_", "-"), got {repo_id!r}')
     return repo_id
 
@@ -673,22 +508,15 @@ def publish(
     repo_id = _check_repo_id(repo_id if repo_id is not None else default_repo_id(config, res))
     card = render_model_card(config, res, repo_id=repo_id, checkpoint=checkpoint, template=template)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         if (checkpoint / SAFE_WEIGHTS).is_file():
             shutil.copyfile(checkpoint / SAFE_WEIGHTS, tmp / SAFE_WEIGHTS)  # the very bytes that were verified
         else:
-            tensors = {k: v.contiguous() for k, v in state_dict.items()}
-            save_file(tensors, str(tmp / SAFE_WEIGHTS), metadata={'format': 'pt'})
+            write_state_dict(state_dict, tmp / SAFE_WEIGHTS)
         with open(tmp / 'config.json', 'w') as f:
             json.dump(config, f, indent=2)
         (tmp / 'README.md').write_text(card)
         _assert_no_secret(tmp)
-        atomic_replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -771,30 +599,6 @@ def push_to_hub(
     url = getattr(commit, 'commit_url', None) or f'https://huggingface.co/{repo_id}'
     print_fn(f'uploaded {len(files)} files to {repo_id} ({visibility}): {url}')
     return url
-
-
-# -- load -----------------------------------------------------------------------------------------
-
-def load_model(path_or_id: Union[str, Path], **kwargs) -> nn.Module:
-    """Create a model with weights through timm's own loaders.
-
-    Args:
-        path_or_id: A local folder (``local-dir:``), ``ORG/NAME`` or ``hf-hub:ORG/NAME`` (the Hub),
-            ``local-dir:PATH``, or a registered name such as ``gradresnet18_joint.cifar10``.
-        **kwargs: Passed to ``timm.create_model``.
-
-    Returns:
-        The model in eval mode.
-    """
-    import timm
-    name = str(path_or_id)
-    if isinstance(path_or_id, Path) or Path(name).is_dir():
-        if not Path(name).is_dir():
-            raise FileNotFoundError(f'{name} is not a folder')
-        name = f'local-dir:{name}'
-    elif not name.startswith(('hf-hub:', 'local-dir:')) and _REPO_ID.match(name):
-        name = f'hf-hub:{name}'
-    return timm.create_model(name, pretrained=True, **kwargs).eval()
 
 
 # -- command line ---------------------------------------------------------------------------------

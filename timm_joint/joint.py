@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .noise import SigmaLike, check_sigma
 
-__all__ = ['JointDensityMixin', 'JointDensityWrapper', 'EnergyHead', 'energy_of_maps', 'energy_map_grads']
+__all__ = ['JointDensityMixin', 'JointDensityWrapper', 'PixelInput', 'EnergyHead', 'energy_of_maps', 'energy_map_grads']
 
 ClassLike = Union[int, torch.Tensor]
 ENERGY_FORMS = ('positions', 'pooled')
@@ -186,6 +186,8 @@ class JointDensityMixin:
 
     energy_form: str = 'positions'
     energy_scale: float = 1.
+    # The denoiser protocol (timm_joint.protocol): D(y) = y - grad E(y) needs no noise level.
+    blind: bool = True
 
     # -- forward passes -------------------------------------------------------------------------
 
@@ -368,12 +370,66 @@ def _wrapped_in_chans(model: nn.Module, cfg: Dict[str, Any], default: int) -> in
     return int(cfg.get('input_size', (default, 0, 0))[0])
 
 
-class JointDensityWrapper(JointDensityMixin, nn.Module):
+class PixelInput(nn.Module):
+    """A timm classifier fed [0, 1] pixels: its configured mean/std are applied inside.
+
+    Every model here takes raw [0, 1] pixels (the noise is added to them), while timm's classifiers
+    expect their data pipeline to normalise; this module does it for them. Its ``pretrained_cfg``
+    reports mean 0 and std 1, so that timm's pipeline does not normalise twice.
+
+    Args:
+        model: A timm classifier.
+        persistent: Keep mean and std in the state dict (``JointDensityWrapper``'s exports hold them);
+            False leaves the state dict the classifier's own, under ``model.``.
+    """
+
+    def __init__(self, model: nn.Module, persistent: bool = True):
+        super().__init__()
+        self.model = model
+        cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+        mean = cfg.get('mean', (0., 0., 0.))
+        std = cfg.get('std', (1., 1., 1.))
+        self.in_chans = _wrapped_in_chans(model, cfg, len(mean))
+        if len(mean) != self.in_chans:
+            # e.g. create_model(..., in_chans=1) keeps the 3-channel cfg: use the mean of its stats.
+            mean = (sum(mean) / len(mean),) * self.in_chans
+            std = (sum(std) / len(std),) * self.in_chans
+        p = next(model.parameters())
+        for name, value in (('mean', mean), ('std', std)):
+            self.register_buffer(name, torch.tensor(value, dtype=p.dtype, device=p.device).view(1, -1, 1, 1),
+                                 persistent=persistent)
+        self.pretrained_cfg = copy.deepcopy(cfg)
+        self.pretrained_cfg.update(mean=(0.,) * self.in_chans, std=(1.,) * self.in_chans)
+        self.default_cfg = self.pretrained_cfg
+
+    @classmethod
+    def if_needed(cls, model: nn.Module) -> nn.Module:
+        """``model`` itself when its config's mean is 0 and std 1 (it takes raw pixels), else a
+        ``PixelInput`` around it whose state dict is the model's."""
+        cfg = getattr(model, 'pretrained_cfg', None) or {}
+        mean, std = tuple(cfg.get('mean', (0., 0., 0.))), tuple(cfg.get('std', (1., 1., 1.)))
+        if all(m == 0 for m in mean) and all(s == 1 for s in std):
+            return model
+        return cls(model, persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return getattr(self.model, 'num_classes', 0)
+
+    def normalize(self, y: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels [B, C, H, W] -> the wrapped model's input."""
+        return (y - self.mean) / self.std
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalize(y))
+
+
+class JointDensityWrapper(JointDensityMixin, PixelInput):
     """Joint-density methods around any timm classifier.
 
-    Takes [0, 1] pixels and applies the wrapped model's mean/std inside; its ``pretrained_cfg``
-    reports mean (0, 0, 0) and std (1, 1, 1) so that timm's data pipeline does not normalise twice.
-    The energy head is one quadratic map on the final feature map; it starts untrained.
+    Takes [0, 1] pixels and applies the wrapped model's mean/std inside (``PixelInput``); its
+    ``pretrained_cfg`` reports mean (0, 0, 0) and std (1, 1, 1) so that timm's data pipeline does not
+    normalise twice. The energy head is one quadratic map on the final feature map; it starts untrained.
 
     Args:
         model: A timm classifier (``forward_features`` / ``forward_head``).
@@ -401,10 +457,9 @@ class JointDensityWrapper(JointDensityMixin, nn.Module):
             unfuse_attention: bool = True,
             energy_init: str = 'normal',
     ):
-        super().__init__()
         if not (hasattr(model, 'forward_features') and hasattr(model, 'forward_head')):
             raise TypeError('JointDensityWrapper needs a timm classifier with forward_features and forward_head')
-        self.model = model
+        super().__init__(model, persistent=True)
         if unfuse_attention:
             # Fused attention (F.scaled_dot_product_attention) has no double backward, which the
             # denoising loss and attacks through D need ('derivative for
@@ -413,20 +468,7 @@ class JointDensityWrapper(JointDensityMixin, nn.Module):
             for m in model.modules():
                 if isinstance(getattr(m, 'fused_attn', None), bool):
                     m.fused_attn = False
-        cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
-        mean = cfg.get('mean', (0., 0., 0.))
-        std = cfg.get('std', (1., 1., 1.))
-        self.in_chans = _wrapped_in_chans(model, cfg, len(mean))
-        if len(mean) != self.in_chans:
-            # e.g. create_model(..., in_chans=1) keeps the 3-channel cfg: use the mean of its stats.
-            mean = (sum(mean) / len(mean),) * self.in_chans
-            std = (sum(std) / len(std),) * self.in_chans
         p = next(model.parameters())
-        self.register_buffer('mean', torch.tensor(mean, dtype=p.dtype, device=p.device).view(1, -1, 1, 1))
-        self.register_buffer('std', torch.tensor(std, dtype=p.dtype, device=p.device).view(1, -1, 1, 1))
-        self.pretrained_cfg = copy.deepcopy(cfg)
-        self.pretrained_cfg.update(mean=(0.,) * self.in_chans, std=(1.,) * self.in_chans)
-        self.default_cfg = self.pretrained_cfg
         self.energy_head = EnergyHead([model.num_features], init_scale=energy_init_scale, init=energy_init,
                                       device=p.device, dtype=p.dtype)
         if warn_untrained:
@@ -436,15 +478,11 @@ class JointDensityWrapper(JointDensityMixin, nn.Module):
                 stacklevel=2)
 
     @property
-    def num_classes(self) -> int:
-        return self.model.num_classes
-
-    @property
     def num_features(self) -> int:
         return self.model.num_features
 
     def forward_features(self, y: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features((y - self.mean) / self.std)
+        return self.model.forward_features(self.normalize(y))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.model.forward_head(x, pre_logits=pre_logits)

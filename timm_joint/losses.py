@@ -13,6 +13,8 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn as nn
 
+from .protocol import is_blind, is_denoiser
+
 __all__ = ['JointObjective', 'JointLoss', 'linear_ramp', 'TASKS']
 
 TASKS = ('joint', 'classification', 'denoising')
@@ -31,7 +33,7 @@ class JointObjective(nn.Module):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f'task must be one of {TASKS}, got {task!r}')
-        if task != 'classification' and not hasattr(model, 'denoise'):
+        if task != 'classification' and not is_denoiser(model):
             raise TypeError(
                 f"task {task!r} needs a joint-density model (a GradResNet or a JointDensityWrapper), "
                 f'got {type(model).__name__}')
@@ -60,7 +62,7 @@ class JointObjective(nn.Module):
             # In training mode the denoiser builds the graph of grad_y E, so backward reaches the weights.
             # The unchecked _denoise: the public denoise() checks its inputs on the host (a device sync
             # every step); the loader's tensors need no such check, and a NaN shows in the loss.
-            if getattr(self.model, 'blind', True) or sigma_den is None:
+            if is_blind(self.model) or sigma_den is None:
                 out['denoised'] = self.model._denoise(y_den)
             else:  # sigma = sigma_max * u^2 can round to 0; a non-blind net needs it positive
                 out['denoised'] = self.model._denoise(y_den, sigma_den.clamp_min(1e-6))

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 # _sample_rng: the project's generator keyed by (seed, stream, epoch or phase, sample index).
 from .noise import STREAM_EVAL, _sample_rng, check_sigma, seeded_noise
+from .protocol import denoise_blind, has_classifier, is_blind, is_denoiser
 
 __all__ = [
     'ATTACKS', 'ROBUSTBENCH_EPSILONS', 'DEFAULT_EPSILONS', 'FixedNoiseClassifier', 'fixed_eval_noise',
@@ -580,8 +581,8 @@ class DenoisedClassifier(nn.Module):
     inside for the input gradient only); a graph is built only when the input requires grad.
 
     Args:
-        denoiser: A model with ``denoise(y, sigma=None, c=None)``; a non-blind one (``blind = False``,
-            as DRUNet) is told sigma.
+        denoiser: A model of the denoiser protocol (``timm_joint.protocol``); a non-blind one (as
+            DRUNet) is told sigma.
         classifier: Classifies the denoised images (logits [B, K]); default: the denoiser itself.
         sigma: Noise level (pixel units), needed by ``conditional`` and by non-blind denoisers.
         conditional: Denoise with D(y, c), c = argmax of the denoiser's logits of y, instead of D(y).
@@ -590,10 +591,10 @@ class DenoisedClassifier(nn.Module):
     def __init__(self, denoiser: nn.Module, classifier: Optional[nn.Module] = None, *,
                  sigma: Optional[float] = None, conditional: bool = False):
         super().__init__()
-        if not callable(getattr(denoiser, 'denoise', None)):
+        if not is_denoiser(denoiser):
             raise TypeError(
                 f'denoiser must have a denoise(y, sigma=None, c=None) method, got {type(denoiser).__name__}')
-        needs_sigma = conditional or not getattr(denoiser, 'blind', True)
+        needs_sigma = conditional or not is_blind(denoiser)
         if needs_sigma and sigma is None:
             raise ValueError('a class-conditional or non-blind denoiser needs the noise level: pass sigma=')
         self.denoiser = denoiser
@@ -606,18 +607,16 @@ class DenoisedClassifier(nn.Module):
         if self.conditional:
             c = self.denoiser(y).argmax(-1)
             d = self.denoiser.denoise(y, sigma=self.sigma, c=c)
-        elif getattr(self.denoiser, 'blind', True):
-            d = self.denoiser.denoise(y)
         else:
-            d = self.denoiser.denoise(y, sigma=self.sigma)
+            d = denoise_blind(self.denoiser, y, self.sigma)
         return self.classifier(d)
 
 
 def certify_modes(model: nn.Module) -> Tuple[str, ...]:
     """The base classifiers a model supports: 'own' if it classifies, the denoised ones if it also denoises."""
-    if not getattr(model, 'num_classes', 0):
+    if not has_classifier(model):
         return ()
-    if callable(getattr(model, 'denoise', None)):
+    if is_denoiser(model):
         return CERTIFY_MODES
     return ('own',)
 

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .results import NA, load_results
+
 __all__ = ['PRESETS', 'PRESET_EVAL_ARGS', 'run_sweep', 'render_table']
 
 # Each preset: (variant name, extra training arguments). Presets may share a sweep folder: a
@@ -50,13 +52,13 @@ PRESETS: Dict[str, List[Tuple[str, List[str]]]] = {
                                                        '--model-kwargs', 'width=8', 'num_blocks=1']),
         _DEN, _JOINT,
     ],
-    # The loss: the paper's unweighted sum (both readings of its mean-squared error), the constant weights
-    # and the ramp of earlier versions, and the energy's two size-consistent forms.
+    # The loss: the default (a constant weight 100) against the paper's unweighted sum (both readings of its
+    # mean-squared error), other constant weights, the ramp of earlier versions, and the pooled energy.
     'loss': [
         _JOINT,
         ('unweighted, per-pixel mean', ['--lambda-den-start', 'none', '--lambda-den', '1']),
         ('unweighted, per-image sum', ['--lambda-den-start', 'none', '--lambda-den', '1', '--den-reduction', 'sum']),
-        ('lambda 100, constant', ['--lambda-den-start', 'none', '--lambda-den', '100']),
+        ('lambda 30, constant', ['--lambda-den-start', 'none', '--lambda-den', '30']),
         ('lambda 300, constant', ['--lambda-den-start', 'none', '--lambda-den', '300']),
         ('lambda 10 -> 200', ['--lambda-den-start', '10', '--lambda-den', '200']),
         ('energy pooled', ['--model-kwargs', 'energy_form=pooled']),
@@ -184,7 +186,7 @@ def _evaluate(run_dir: Path, data_dir: str, task: str, eval_args: Sequence[str] 
         cmd += ['--sigmas', '0', '25'] if task != 'denoising' else ['--sigmas']
         cmd += list(eval_args)
         subprocess.run(cmd, check=True)
-    res = json.loads((out / 'results.json').read_text())
+    res = load_results(out / 'results.json')
     metrics = {}
     for s, v in (res.get('accuracy') or {}).items():
         if isinstance(v, (int, float)):
@@ -336,7 +338,7 @@ def render_table(records: Sequence[Dict], columns: Sequence[str] = COLUMNS) -> s
         cells = [r.get('cls_noise', '')] if noise else []
         for k in columns:
             digits = 1 if k.startswith(('top1', 'cert_')) else 2
-            cell = f'{r[k]:.{digits}f}' if k in r else 'n/a'
+            cell = f'{r[k]:.{digits}f}' if k in r else NA
             if f'{k}_std' in r:
                 cell += f' ± {r[f"{k}_std"]:.{digits}f}'
             cells.append(cell)

@@ -26,7 +26,6 @@ import gc
 import itertools
 import logging
 import math
-import os
 import shlex
 import sys
 import time
@@ -54,9 +53,11 @@ from timm_joint import training
 from timm_joint.data import (
     check_data_dir, create_eval_dataset, create_joint_datasets, is_streamed)
 from timm_joint.hub import save_pretrained
+from timm_joint.io import atomic_write, check_fits, read_state_dict
 from timm_joint.joint import JointDensityWrapper
 from timm_joint.losses import JointLoss, JointObjective, linear_ramp
 from timm_joint.noise import add_noise, from_255
+from timm_joint.protocol import is_denoiser
 from timm_joint.resources import find_config, packaged_configs
 from timm_joint.training import (
     CheckpointManager, DenoisingLoader, DenoisingStage, DeviceLoader, NonFiniteLossError, TrainState,
@@ -120,12 +121,12 @@ group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='i
 group = parser.add_argument_group('Joint objective')
 group.add_argument('--task', default='joint', choices=('joint', 'classification', 'denoising'),
                    help='what to train: both heads, or one of the single-task baselines')
-group.add_argument('--lambda-den', type=float, default=200.0, metavar='LAMBDA',
-                   help='weight of the denoising loss at the end of the schedule (default from the measured '
-                        'sweep in the README)')
-group.add_argument('--lambda-den-start', type=_optional_float, default=10.0, metavar='LAMBDA',
-                   help='joint task: the weight ramps linearly from this value to --lambda-den over the '
-                        'schedule\'s updates (--epochs, like the lr); "none" for a constant --lambda-den')
+group.add_argument('--lambda-den', type=float, default=100.0, metavar='LAMBDA',
+                   help='weight of the denoising loss (the paper adds none: 1 is its unweighted sum; 100 is this '
+                        'project\'s measured departure, docs/method.md); with --lambda-den-start, its final value')
+group.add_argument('--lambda-den-start', type=_optional_float, default=None, metavar='LAMBDA',
+                   help='joint task: ramp the weight linearly from this value to --lambda-den over the '
+                        'schedule\'s updates (--epochs, like the lr); "none" (the default) keeps --lambda-den constant')
 group.add_argument('--den-reduction', default='mean', choices=('mean', 'sum'),
                    help='squared error of the denoising term per image: per-pixel mean, or sum over pixels '
                         '(the same as mean with --lambda-den C*H*W)')
@@ -307,7 +308,7 @@ def build_model(args: argparse.Namespace) -> Tuple[nn.Module, Dict[str, Any]]:
         raise ValueError(f'model {args.model!r} does not accept these arguments ({e}); check --model-kwargs') from e
     if args.initial_checkpoint:
         _load_initial_checkpoint(model, args.initial_checkpoint)
-    if args.task != 'classification' and not hasattr(model, 'denoise'):
+    if args.task != 'classification' and not is_denoiser(model):
         model = JointDensityWrapper(model)
     return model, model_args
 
@@ -334,17 +335,13 @@ def create_loss_fn(args: argparse.Namespace, num_classes: Optional[int]) -> Tupl
 
 
 def _load_initial_checkpoint(model: nn.Module, path: str) -> None:
-    """Load safetensors weights (an export folder or a .safetensors file) into the model, strictly."""
-    from safetensors.torch import load_file
-    p = Path(path)
-    file = p / 'model.safetensors' if p.is_dir() else p
-    if file.suffix != '.safetensors' or not file.is_file():
-        raise ValueError(f'--initial-checkpoint {path!r}: expected an export folder with model.safetensors '
-                         f'or a .safetensors file (pickled checkpoints are refused)')
+    """Load safetensors weights (an export folder or a safetensors file) into the model, strictly."""
     try:
-        model.load_state_dict(load_file(str(file)))
-    except RuntimeError as e:
-        raise ValueError(f'--initial-checkpoint {path!r} does not fit model: {e}') from e
+        state_dict = read_state_dict(path, torch_files=False)
+    except ValueError as e:
+        raise ValueError(f'--initial-checkpoint: {e}') from None
+    check_fits(model.state_dict(), state_dict, source=f'--initial-checkpoint {path!r}', target='model')
+    model.load_state_dict(state_dict)
 
 
 def create_optimizer_and_scheduler(
@@ -499,9 +496,7 @@ def _write_args(args: argparse.Namespace, output_dir: Path, argv: Optional[Seque
     record = {k: v for k, v in vars(args).items() if k != 'model_kwargs_dict'}
     record['command'] = ' '.join(shlex.quote(a) for a in [_program_name()] + list(
         argv if argv is not None else sys.argv[1:]))
-    tmp = args_file.with_suffix('.yaml.tmp')
-    tmp.write_text(yaml.safe_dump(record, sort_keys=True))
-    os.replace(tmp, args_file)
+    atomic_write(args_file, yaml.safe_dump(record, sort_keys=True))
 
 
 def _program_name() -> str:
@@ -531,14 +526,14 @@ def export_model(
     n_chans = int(cfg_out.get('input_size', (3,))[0])
     cfg_out.update(input_size=(n_chans, img_size, img_size), crop_pct=crop_pct)
     cfg_out.pop('test_input_size', None)
-    if not hasattr(net, 'denoise'):
+    if not is_denoiser(net):
         # A plain timm classifier was trained on raw [0, 1] pixels: say so in its config, so timm's
         # data pipeline does not normalise what it never saw normalised.
         n = len(cfg_out.get('mean', (0., 0., 0.)))
         cfg_out.update(mean=(0.,) * n, std=(1.,) * n)
     save_pretrained(net, folder, model_name=args.model, model_args=model_args, pretrained_cfg=cfg_out,
                     extra_config={'timm_joint': {
-                        'task': args.task, 'wrapper': type(net).__name__ == 'JointDensityWrapper',
+                        'task': args.task, 'wrapper': isinstance(net, JointDensityWrapper),
                         'sigma_max_cls_255': args.sigma_max_cls, 'sigma_max_den_255': args.sigma_max_den,
                         'sigma_dist_cls': args.sigma_dist_cls,
                         'lambda_den': args.lambda_den, 'lambda_den_start': args.lambda_den_start,

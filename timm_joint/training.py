@@ -13,8 +13,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .io import atomic_replace_dir
 from .metrics import psnr
 from .noise import STREAM_EVAL, add_noise, from_255, seeded_noise
+from .protocol import denoise_blind
 
 __all__ = [
     'TrainState', 'CheckpointManager', 'DenoisingStage', 'parse_den_schedule', 'stage_for_epoch',
@@ -66,7 +68,7 @@ class CheckpointManager:
         if not self.root.is_dir():
             return []
         dirs = [p for p in self.root.iterdir()
-                if p.is_dir() and p.name.startswith('step_') and not p.name.endswith('.tmp')
+                if p.is_dir() and p.name.startswith('step_') and not p.name.endswith(('.tmp', '.old'))
                 and (p / STATE_FILE).is_file()]
         return sorted(dirs, key=lambda p: p.name)
 
@@ -88,9 +90,7 @@ class CheckpointManager:
             # The state file is written last: its presence marks the folder complete.
             with open(tmp / STATE_FILE, 'w') as f:
                 json.dump(meta, f, indent=2)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            atomic_replace_dir(tmp, final)
             for old in self._complete()[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -215,8 +215,7 @@ def validate(
             for s in psnr_sigmas_255:
                 y, sig = noisy_batch(x, idx, sigma=from_255(s), seed=seed, epoch=0, stream=STREAM_EVAL)
                 with accelerator.autocast():
-                    # only a non-blind baseline (DRUNet) is told the noise level
-                    d = model.denoise(y) if getattr(model, 'blind', True) else model.denoise(y, sigma=sig)
+                    d = denoise_blind(model, y, sig)  # only a non-blind baseline (DRUNet) is told sigma
                 per_sample[f'psnr_s{s:g}'] = psnr(d, x).float()
         for k, v in per_sample.items():
             sums.setdefault(k, []).append(v.float() if streamed else accelerator.gather_for_metrics(v.float()))

@@ -42,6 +42,7 @@ from timm.layers import DropPath, SelectAdaptivePool2d, get_act_layer
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from ..io import is_download_error
 from ..joint import EnergyHead, JointDensityMixin
 
 __all__ = ['GradResNet', 'BasicBlock', 'ScaleGroupNorm', 'GroupNormScale', 'ScaledAct', 'ChannelCentring', 'HF_HUB_ORG', 'LEGACY_ARGS',
@@ -646,7 +647,7 @@ def _create_gradresnet(variant: str, pretrained: bool = False, **kwargs) -> Grad
             **kwargs,
         )
     except Exception as e:
-        if not pretrained or not _is_download_error(e):
+        if not pretrained or not is_download_error(e):
             raise
         hub_id = _resolve_hub_id(variant, cfg)
         raise RuntimeError(
@@ -655,13 +656,6 @@ def _create_gradresnet(variant: str, pretrained: bool = False, **kwargs) -> Grad
             f'is unreachable (offline). Load a folder this project wrote with '
             f"timm.create_model('local-dir:PATH', pretrained=True), or train one with "
             f'train_joint.py (README: Pretrained weights).') from e
-
-
-def _is_download_error(e: Exception) -> bool:
-    # Errors of huggingface_hub and its HTTP clients, and OS-level ones (no network, no cache).
-    mod = type(e).__module__ or ''
-    return isinstance(e, (OSError, ConnectionError, TimeoutError)) or mod.split('.')[0] in (
-        'huggingface_hub', 'requests', 'httpx', 'urllib3', 'httpcore')
 
 
 def _resolve_hub_id(variant: str, cfg: Any) -> str:
