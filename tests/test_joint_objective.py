@@ -1,5 +1,5 @@
 """Guard against the starved classifier (issue 7): under the default joint recipe the classification
-loss must fall at least half as much as it does when training for classification alone."""
+loss must fall at least 0.8 times as much as it does when training for classification alone."""
 import csv
 from pathlib import Path
 
@@ -22,9 +22,9 @@ def _epoch_cls_losses(train_joint, data_dir, out, task):
     for s in (AcceleratorState, PartialState):
         s._reset_state()
     GradientState._reset_state()
-    # The recipe (lambda ramp, sigma ranges, optimizer, lr) comes from the quickstart config: a change of
-    # default that starves the classifier fails here (a constant lambda 1000 does: its cross-entropy
-    # falls 0.06 against 0.73 for classification only; the default recipe's falls 0.69).
+    # The recipe (lambda, sigma ranges, optimizer, lr) comes from the quickstart config: a change of default
+    # that starves the classifier fails here. Measured: classification only falls 0.60, the default (a
+    # constant lambda 100) 0.73, the per-image sum (--den-reduction sum, lambda 1) 0.40, lambda 1000 0.37.
     run_dir = train_joint.main([
         '-c', str(ROOT / 'configs' / 'quickstart.yaml'),
         '--num-classes', '4', '--img-size', '16', '--data-dir', str(data_dir), '-b', '8',
@@ -34,7 +34,7 @@ def _epoch_cls_losses(train_joint, data_dir, out, task):
     return [float(r['train_loss_cls']) for r in rows]
 
 
-def test_joint_classification_loss_falls_at_least_half_as_much_as_classification_only(data_dir, tmp_path):
+def test_joint_classification_loss_falls_nearly_as_much_as_classification_only(data_dir, tmp_path):
     from timm_joint import train as train_joint
     cls = _epoch_cls_losses(train_joint, data_dir, tmp_path, 'classification')
     joint = _epoch_cls_losses(train_joint, data_dir, tmp_path, 'joint')
@@ -42,4 +42,4 @@ def test_joint_classification_loss_falls_at_least_half_as_much_as_classification
     drop_cls = cls[0] - min(cls[-2:])
     drop_joint = joint[0] - min(joint[-2:])
     assert drop_cls > 0.1, f'classification-only did not learn: {cls}'
-    assert drop_joint >= 0.5 * drop_cls, f'starved classifier: joint {joint} vs classification-only {cls}'
+    assert drop_joint >= 0.8 * drop_cls, f'starved classifier: joint {joint} vs classification-only {cls}'

@@ -1,7 +1,7 @@
 """``python -m timm_joint.models``: the README's model table, computed from the registry.
 
 For every registered name (``timm.list_models('gradresnet*')``): the stem, the default input size,
-the parameter count (classifier and energy head included, at the default number of classes), the
+the parameter count (classifier and side maps included, at the default number of classes), the
 FLOPs of one image's classification forward and of one blind denoising call (forward + input
 gradient), and the pretrained tags its configs name. FLOPs are counted by
 ``torch.utils.flop_counter.FlopCounterMode``: convolutions and matrix products only, one
@@ -76,7 +76,7 @@ def main(argv=None):
     print('GFLOPs: one image at the input size, counted by torch.utils.flop_counter.FlopCounterMode '
           '(convolutions and matrix products; one multiply-add = 2 FLOPs). "classify" is the forward '
           '(logits); "denoise" is the blind D(y) = y - grad E(y), a forward and an input-gradient '
-          'backward. Parameters include the classifier (default classes) and the energy head. '
+          'backward. Parameters include the classifier (default classes) and the side maps. '
           'Pretrained tags are those the configs name (timm.list_pretrained); '
           'whether the weights are published on the Hub is not checked here.')
 
