@@ -392,3 +392,13 @@ def test_cli_turns_bad_options_into_one_error_line_and_status_2(tmp_path, capsys
     assert train_joint.cli(['--model', 'no_such_model', '--data-dir', str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'error: unknown model' in err[0]
+
+
+def test_pretrained_weights_that_cannot_be_had_are_one_error_line(data_dir, tmp_path, capsys, monkeypatch):
+    import timm_joint.io
+    monkeypatch.setattr(timm_joint.io, '_hub_offline', lambda: True)  # HF_HUB_OFFLINE, read when asked
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'empty_hf_home'))
+    assert train_joint.cli(['--model', 'gradresnet_tiny_joint', '--pretrained', '--data-dir', str(data_dir),
+                            '--output', str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and '--pretrained: pretrained weights for' in err[0] and 'HF_HUB_OFFLINE' in err[0], err

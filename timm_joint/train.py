@@ -53,7 +53,7 @@ from timm_joint import training
 from timm_joint.data import (
     check_data_dir, create_eval_dataset, create_joint_datasets, is_streamed)
 from timm_joint.hub import save_pretrained
-from timm_joint.io import atomic_write, check_fits, read_state_dict
+from timm_joint.io import PretrainedUnavailableError, atomic_write, check_fits, read_state_dict
 from timm_joint.joint import JointDensityWrapper
 from timm_joint.losses import JointLoss, JointObjective, linear_ramp
 from timm_joint.noise import add_noise, from_255
@@ -306,6 +306,8 @@ def build_model(args: argparse.Namespace) -> Tuple[nn.Module, Dict[str, Any]]:
         model = timm.create_model(args.model, pretrained=args.pretrained, **build_args)
     except TypeError as e:
         raise ValueError(f'model {args.model!r} does not accept these arguments ({e}); check --model-kwargs') from e
+    except PretrainedUnavailableError as e:
+        raise ValueError(f'--pretrained: {e}') from None
     if args.initial_checkpoint:
         _load_initial_checkpoint(model, args.initial_checkpoint)
     if args.task != 'classification' and not is_denoiser(model):
