@@ -23,6 +23,7 @@ import copy
 import hashlib
 import json
 import os
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
@@ -32,6 +33,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 from torchvision import transforms as T
 
+from .cli import check_in_dir, check_out_dir, error_line, program_name
 from .io import atomic_dir
 from .noise import sample_seed, seeded_noise
 
@@ -281,6 +283,11 @@ def eval_transform(img_size: int, crop_pct: float = 1.0, interpolation: str = 'b
 def check_data_dir(dataset: str, data_dir: Optional[str], download: bool = False) -> None:
     """Refuse a missing or empty data folder before any work starts."""
     name = dataset.lower()
+    if data_dir and '://' not in str(data_dir) and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise ValueError(f'data folder {str(data_dir)!r} is a file: expected a folder ('
+                         + ('its .tar shards and _info.json' if name.startswith('wds/') else
+                            'the files of ' + repr(dataset) if name.startswith('torch/') else
+                            'class subfolders of images, under train/ and validation/') + ')')
     if name.startswith('wds/'):
         if not data_dir:
             raise ValueError('a wds/ dataset needs --data-dir: the folder (or URL) holding its .tar shards and '
@@ -627,7 +634,8 @@ def prepare_textures(root: Union[str, Path], *, img_size: int = 32, train_per_cl
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description='Write the offline image folders used by the quickstart and tests.')
+    parser = argparse.ArgumentParser(prog=program_name('timm_joint.data'),
+                                     description='Write the offline image folders used by the quickstart and tests.')
     sub = parser.add_subparsers(dest='cmd', required=True)
     q = sub.add_parser('quickstart', help="patches of scikit-image's sample images, labelled by source image")
     q.add_argument('--root', default='data/quickstart')
@@ -643,14 +651,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     w.add_argument('--splits', nargs='+', default=['train', 'validation'])
     w.add_argument('--shard-size', type=int, default=1000)
     args = parser.parse_args(argv)
-    if args.cmd == 'quickstart':
-        path = prepare_quickstart(args.root, train_per_class=args.train_per_class, val_per_class=args.val_per_class)
-    elif args.cmd == 'digits':
-        path = prepare_digits(args.root)
-    elif args.cmd == 'textures':
-        path = prepare_textures(args.root)
-    else:
-        path = write_wds(args.src, args.dst, splits=args.splits, shard_size=args.shard_size)
+    try:
+        if args.cmd == 'wds':
+            check_in_dir(args.src, '--src', 'an image folder <split>/<class>/<image>')
+            check_out_dir(args.dst, '--dst')
+        else:
+            check_out_dir(args.root, '--root')
+        if args.cmd == 'quickstart':
+            path = prepare_quickstart(args.root, train_per_class=args.train_per_class, val_per_class=args.val_per_class)
+        elif args.cmd == 'digits':
+            path = prepare_digits(args.root)
+        elif args.cmd == 'textures':
+            path = prepare_textures(args.root)
+        else:
+            path = write_wds(args.src, args.dst, splits=args.splits, shard_size=args.shard_size)
+    except ValueError as e:
+        print(error_line('timm_joint.data', e), file=sys.stderr)
+        sys.exit(2)
     print(f'wrote {path}')
 
 

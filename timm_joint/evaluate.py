@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from . import metrics
+from .cli import check_out_dir, error_line, program_name
 from .io import atomic_write, load_model
 from .protocol import denoise_blind, has_classifier, has_energy, is_denoiser, is_joint
 from .results import NA, SCHEMA_VERSION, is_number, validate_results
@@ -326,6 +327,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f'--certify-sigmas must be noise levels > 0 (0-255 units), got {args.certify_sigmas}')
         if args.certify_images < 1:
             raise ValueError(f'--certify-images must be >= 1, got {args.certify_images}')
+    check_out_dir(args.out, '--out')
 
 
 
@@ -947,7 +949,7 @@ def _render_certify(c: Dict[str, Any]) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog='python -m timm_joint.evaluate',
+        prog=program_name('timm_joint.evaluate'),
         description='Evaluate a classification-denoising model (or any timm classifier): accuracy at noise '
                     'levels, PSNR/SSIM of blind and class-conditional denoising, calibration, OOD detection, '
                     'adversarial robustness, Jacobian eigenvectors. Noise levels in 0-255 units.')
@@ -1040,7 +1042,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         results = evaluate(args)
     except (ValueError, TypeError, FileExistsError) as e:
-        print(f'timm-joint-evaluate: error: {e}', file=sys.stderr)
+        print(error_line('timm_joint.evaluate', e), file=sys.stderr)
         sys.exit(2)
     print(render_markdown(results))
     print(f'wrote {Path(args.out) / "results.json"}, {Path(args.out) / "results.md"} and {len(results["figures"])} '

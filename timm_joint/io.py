@@ -129,6 +129,8 @@ def atomic_dir(final_dir: PathLike) -> Iterator[Path]:
         ...     (tmp / 'config.json').write_text('{}')
     """
     final_dir = Path(final_dir)
+    if final_dir.exists() and not final_dir.is_dir():  # never replace a file with a folder
+        raise ValueError(f'{str(final_dir)!r} is a file: expected a folder to write into')
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{final_dir.name}.tmp-', dir=final_dir.parent))
     try:

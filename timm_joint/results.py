@@ -277,10 +277,14 @@ def load_results(path: Union[str, Path], **kwargs) -> Dict[str, Any]:
         ValueError: not JSON, or not valid results.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f'results file {str(path)!r} is a folder: expected the results.json that python -m '
+                         f'timm_joint.evaluate wrote (e.g. {path / "results.json"})')
     if not path.is_file():
         raise FileNotFoundError(f'results file {path} does not exist (write it with python -m timm_joint.evaluate)')
     try:
         results = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f'{path} is not valid JSON: {e}') from e
+        raise ValueError(f'results file {str(path)!r} is not valid JSON ({e}): expected the results.json that '
+                         f'python -m timm_joint.evaluate wrote') from None
     return validate_results(results, **kwargs)

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from timm_joint import training
+from timm_joint.cli import check_out_dir, error_line, program_name, set_cpu_threads
 from timm_joint.data import (
     check_data_dir, create_eval_dataset, create_joint_datasets, is_streamed)
 from timm_joint.hub import save_pretrained
@@ -284,6 +285,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.batch_size <= 0 or args.grad_accum_steps <= 0:
         raise ValueError('--batch-size and --grad-accum-steps must be positive')
     args.model_kwargs_dict = _parse_model_kwargs(args.model_kwargs)
+    check_out_dir(args.output, '--output')
+    if args.experiment:
+        check_out_dir(Path(args.output) / args.experiment, '--experiment')
     check_data_dir(args.dataset, args.data_dir, args.dataset_download)
 
 
@@ -502,10 +506,8 @@ def _write_args(args: argparse.Namespace, output_dir: Path, argv: Optional[Seque
 
 
 def _program_name() -> str:
-    """How this run was started, as a user would type it again."""
-    if Path(sys.argv[0]).resolve() == Path(__file__).resolve():
-        return 'python -m timm_joint.train'
-    return Path(sys.argv[0]).name
+    """How this run was started, as a user would type it again (``timm_joint.cli.program_name``)."""
+    return program_name('timm_joint.train')
 
 
 def export_model(
@@ -882,7 +884,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     try:
         main(argv)
     except ValueError as e:
-        print(f'{_program_name()}: error: {e}', file=sys.stderr)
+        print(error_line('timm_joint.train', e), file=sys.stderr)
         return 2
     return 0
 

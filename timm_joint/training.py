@@ -100,8 +100,11 @@ class CheckpointManager:
 def read_checkpoint_meta(path: os.PathLike) -> Dict:
     """Read and check a state folder's metadata; ValueError if it is not a complete checkpoint."""
     path = Path(path)
+    expected = 'a checkpoint folder runs/NAME/checkpoints/step_XXXXXXXX written by timm_joint.train, or "auto"'
+    if path.exists() and not path.is_dir():
+        raise ValueError(f'--resume {str(path)!r} is a file: expected {expected}')
     if not path.is_dir():
-        raise ValueError(f'--resume {str(path)!r}: no such checkpoint folder')
+        raise ValueError(f'--resume {str(path)!r} does not exist: expected {expected}')
     state = path / STATE_FILE
     if not state.is_file():
         raise ValueError(
