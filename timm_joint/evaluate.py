@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from . import metrics
-from .cli import check_out_dir, error_line, program_name
+from .cli import check_out_dir, error_line, program_name, set_cpu_threads
 from .io import atomic_write, load_model
 from .protocol import denoise_blind, has_classifier, has_energy, is_denoiser, is_joint
 from .results import NA, SCHEMA_VERSION, is_number, validate_results
@@ -258,6 +258,19 @@ def _label_info(ds) -> Tuple[bool, Optional[int]]:
     return True, None
 
 
+def _class_names(ds) -> Optional[List[str]]:
+    """The dataset's class names by label (an image folder's subfolders, torchvision's ``classes``), or None."""
+    base = _base_dataset(ds)
+    c2i = getattr(getattr(base, 'reader', None), 'class_to_idx', None) or getattr(base, 'class_to_idx', None)
+    if isinstance(c2i, dict) and c2i and '' not in c2i:
+        names = [''] * (max(c2i.values()) + 1)
+        for name, i in c2i.items():
+            names[i] = str(name)
+        return names
+    classes = getattr(base, 'classes', None)
+    return [str(c) for c in classes] if classes else None
+
+
 def _raw_size(ds) -> Tuple[int, int]:
     """(height, width) of the first image as stored, before the evaluation transform."""
     base = _base_dataset(ds)
@@ -347,11 +360,13 @@ class _Setup:
     ood_ds: Any
     img_size: int
     has_labels: bool
+    skipped: Optional[List[Dict[str, str]]] = None  # --skip-bad-images: the files left out
+    class_names: Optional[List[str]] = None
 
 
 def _prepare(args: argparse.Namespace) -> _Setup:
     """Every check on the inputs (options, output folder, checkpoints, datasets), in that order."""
-    from .data import create_eval_dataset
+    from .data import create_eval_dataset, skip_bad_images
 
     _check_args(args)
     results_path = Path(args.out) / 'results.json'
@@ -376,6 +391,13 @@ def _prepare(args: argparse.Namespace) -> _Setup:
 
     ds = create_eval_dataset(args.dataset, args.data_dir, img_size=img_size, split=args.split,
                              download=args.dataset_download, crop_pct=crop_pct)
+    skipped = None
+    if args.skip_bad_images:
+        checked, bad = skip_bad_images(ds, workers=args.workers)
+        skipped = [{'path': path, 'error': why} for path, why in bad]
+        if bad:
+            print(f'--skip-bad-images: left out {len(bad)} of {checked} images that cannot be read, e.g. {bad[0][0]} '
+                  f'({bad[0][1]}); results.json lists them', file=sys.stderr)
     has_labels, n_dataset_classes = _label_info(ds)
     if (args.sigmas or args.attack or args.certify) and not has_labels:
         raise ValueError(
@@ -391,6 +413,9 @@ def _prepare(args: argparse.Namespace) -> _Setup:
     if args.ood_data_dir or args.ood_dataset:
         ood_ds = create_eval_dataset(args.ood_dataset or '', args.ood_data_dir, img_size=img_size,
                                      split=args.ood_split, download=args.dataset_download, crop_pct=crop_pct)
+        if args.skip_bad_images:
+            _, bad = skip_bad_images(ood_ds, workers=args.workers)
+            skipped += [{'path': path, 'error': why} for path, why in bad]
         size = _raw_size(ood_ds)
         if size != (img_size, img_size) and not args.ood_resize:
             raise ValueError(
@@ -399,7 +424,8 @@ def _prepare(args: argparse.Namespace) -> _Setup:
                 f'dataset at {img_size}x{img_size}, or pass --ood-resize to accept it')
         ood_ds = _subset(ood_ds, args.max_images)
     return _Setup(device=device, model=model, info=info, reference=reference, ref_info=ref_info,
-                  ds=_subset(ds, args.max_images), ood_ds=ood_ds, img_size=img_size, has_labels=has_labels)
+                  ds=_subset(ds, args.max_images), ood_ds=ood_ds, img_size=img_size, has_labels=has_labels,
+                  skipped=skipped, class_names=_class_names(ds))
 
 
 class Batch:
@@ -784,6 +810,9 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
 
     setup = _prepare(args)
     device, out_dir = setup.device, Path(args.out)
+    if device.type == 'cpu':
+        threads, why = set_cpu_threads(args.threads)
+        print(f'CPU threads: {threads} ({why})', file=sys.stderr)
     metric_list = build_metrics(args, setup)
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -805,7 +834,8 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
                   'num_params': info['num_params'],
                   'architecture': info.get('architecture'), 'denoiser': is_denoiser(setup.model)},
         'dataset': {'name': args.dataset, 'split': args.split, 'num_images': n_images, 'img_size': setup.img_size,
-                    'labels': setup.has_labels},
+                    'labels': setup.has_labels,
+                    **({'skipped_images': setup.skipped} if setup.skipped is not None else {})},
         'seed': args.seed,
         'units': {'sigma': '0-255', 'accuracy': '% top-1', 'ece': '%', 'psnr': 'dB', 'ssim': '[0, 1]',
                   'auroc': '[0, 1]'},
@@ -858,6 +888,11 @@ def render_markdown(results: Dict[str, Any]) -> str:
              f'- checkpoint: `{m.get("checkpoint")}`; parameters: {m["num_params"]:,}',
              f'- data: `{ds["name"] or "image folder"}` split `{ds["split"]}`, {ds["num_images"]} images at '
              f'{ds["img_size"]} px; noise seed {r.get("seed", "")}; noise levels in 0-255 units', '']
+    skipped = ds.get('skipped_images')
+    if skipped:
+        lines[-1:-1] = [f'- left out {len(skipped)} image{"s" if len(skipped) > 1 else ""} that cannot be read '
+                        f'(--skip-bad-images): '
+                        + ', '.join(f'`{s["path"]}`' for s in skipped[:5]) + (' ...' if len(skipped) > 5 else '')]
     training = r.get('training') or {}
     if training.get('sigma_max_255') is not None:
         lines += [f'- training noise range: sigma <= {training["sigma_max_255"]:g} (from {training.get("source")})', '']
@@ -967,6 +1002,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=int, default=128)
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--max-images', type=int, default=None, help='evaluate the first N images only')
+    p.add_argument('--skip-bad-images', action='store_true',
+                   help='decode every image of an image folder once first and leave out those that cannot be read '
+                        '(listed in results.json); without it such an image stops the evaluation')
     p.add_argument('--sigmas', type=float, nargs='*', default=[0, 15, 25, 50, 75, 100],
                    help='accuracy / ECE levels (0-255); no values: no accuracy (a dataset without labels)')
     p.add_argument('--psnr-sigmas', type=float, nargs='*', default=[15, 25, 50, 75, 100],
@@ -1011,6 +1049,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--overwrite', action='store_true', help='replace an existing results.json')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--threads', type=int, default=None,
+                   help='CPU threads (default: OMP_NUM_THREADS, else the idle cores: threads on busy cores stall '
+                        'each other)')
     p.add_argument('--no-progress', dest='progress', action='store_false')
     return p
 

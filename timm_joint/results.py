@@ -8,7 +8,8 @@ Schema version 1::
 
     schema_version  1
     model           {name: str, checkpoint: str or null, num_params: int >= 0, architecture, denoiser}
-    dataset         {name: str ('' for an image folder), split: str, num_images: int > 0, img_size: int > 0}
+    dataset         {name: str ('' for an image folder), split: str, num_images: int > 0, img_size: int > 0,
+                     skipped_images: optional [{path, error}], the files --skip-bad-images left out}
     accuracy        {sigma: top-1 %}                        sigma: a 0-255 level as a string, e.g. "25"
     ece             {sigma: %}
     noisy_psnr      {sigma > 0: dB or "n/a"}
