@@ -359,3 +359,9 @@ def test_an_unreadable_image_stops_evaluation_unless_skipped(assets, tmp_path):
     assert r['dataset']['num_images'] == n - 1  # left out, never replaced by a neighbour
     assert [s['path'] for s in r['dataset']['skipped_images']] == [str(bad)]
     assert str(bad) in (tmp_path / 'skip' / 'results.md').read_text()
+
+
+def test_results_name_each_model_by_a_short_label(e2e):
+    r = e2e['results']
+    assert r['model']['label'] == 'gradresnet_tiny_joint'  # its export records no training task
+    assert r['robustness']['reference']['label'] == 'test_resnet'

@@ -536,8 +536,10 @@ class Denoising(Metric):
     VARIANTS = ('blind', 'cond_true', 'cond_pred')
 
     def __init__(self, model: nn.Module, sigmas_255: Sequence[float], *, has_labels: bool,
-                 grid_positions: Set[int], training: Dict[str, Any]):
+                 grid_positions: Set[int], training: Dict[str, Any], class_names: Optional[Sequence[str]] = None,
+                 label: Optional[str] = None):
         self.denoises, self.conditional, self.has_labels = is_denoiser(model), is_joint(model), has_labels
+        self.class_names, self.label = class_names, label
         self.levels = sorted(set(sigmas_255))
         self.keys = [level_key(s) for s in sigmas_255]
         self.per: Dict[str, Dict[str, List[torch.Tensor]]] = {
@@ -575,6 +577,11 @@ class Denoising(Metric):
                                 ('labels', labels)):
                     self.grid[name].append(t[in_grid].cpu())
 
+    def _class_title(self, c: int) -> str:
+        """A grid row's class, by its name when the dataset has one (the predicted one without labels)."""
+        name = self.class_names[c] if self.class_names and 0 <= c < len(self.class_names) else f'class {c}'
+        return name if self.has_labels else f'predicted: {name}'
+
     def _stat(self, name: str, key: str) -> Any:
         values = self.per[name][key]
         return _mean(values) if values else NA
@@ -602,10 +609,11 @@ class Denoising(Metric):
             grid = {name: torch.cat(rows) for name, rows in self.grid.items()}
             written.append(figures.denoising_grid(
                 grid['clean'], grid['noisy'], grid['blind'], grid['cond'], fig_dir / 'denoising_grid.png',
-                sigma_255=self.grid_sigma, titles=[f'class {int(c)}' for c in grid['labels']]))
+                sigma_255=self.grid_sigma, titles=[self._class_title(int(c)) for c in grid['labels']]))
         if self.denoises and self.keys:
             written.append(figures.psnr_vs_sigma(results, fig_dir / 'psnr_vs_sigma.png',
-                                                 train_sigma_max_255=self.training['sigma_max_255']))
+                                                 train_sigma_max_255=self.training['sigma_max_255'],
+                                                 title=self.label))
         return written
 
 
@@ -664,8 +672,9 @@ class Attacks(Metric):
     figure_order = 1
 
     def __init__(self, models: Dict[str, nn.Module], positions: Set[int], args: argparse.Namespace,
-                 ref_info: Optional[Dict[str, Any]]):
+                 ref_info: Optional[Dict[str, Any]], labels: Optional[Dict[str, str]] = None):
         self.models, self.positions, self.args, self.ref_info = models, positions, args, ref_info
+        self.labels = labels or {}
         self.pool: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def update(self, batch: Batch) -> None:
@@ -695,13 +704,15 @@ class Attacks(Metric):
             'epsilon_units': {'linf': '1/255', 'l2': 'L2 norm, [0, 1] pixels'},
             'robustbench': {'linf': '8', 'l2': '0.5'},
             'reference': {'name': args.reference_model, 'checkpoint': args.reference_checkpoint,
-                          'num_params': self.ref_info['num_params']} if self.ref_info else None,
+                          'num_params': self.ref_info['num_params'],
+                          'label': list(self.labels.values())[-1] if len(self.labels) > 1 else None}
+            if self.ref_info else None,
             'accuracy': acc,
         }}
 
     def figures(self, results: Dict[str, Any], fig_dir: Path) -> List[Path]:
         from . import figures
-        return [figures.robustness_curves(results['robustness'], fig_dir / 'robustness.png')]
+        return [figures.robustness_curves(results['robustness'], fig_dir / 'robustness.png', labels=self.labels)]
 
 
 class Certification(Metric):
@@ -712,8 +723,9 @@ class Certification(Metric):
     figure_order = 2
 
     def __init__(self, models: Dict[str, nn.Module], folders: Dict[str, Optional[str]], ds: Any,
-                 args: argparse.Namespace, device: torch.device):
+                 args: argparse.Namespace, device: torch.device, labels: Optional[Dict[str, str]] = None):
         self.models, self.folders, self.ds, self.args, self.device = models, folders, ds, args, device
+        self.labels = labels or {}
 
     def result(self) -> Dict[str, Any]:
         args = self.args
@@ -735,7 +747,8 @@ class Certification(Metric):
 
     def figures(self, results: Dict[str, Any], fig_dir: Path) -> List[Path]:
         from . import figures
-        return [figures.certified_accuracy_curves(results['certify'], fig_dir / 'certified_accuracy.png')]
+        return [figures.certified_accuracy_curves(results['certify'], fig_dir / 'certified_accuracy.png',
+                                                  labels=self.labels)]
 
 
 class JacobianSpectrum(Metric):
@@ -771,25 +784,58 @@ class JacobianSpectrum(Metric):
             e['bottom_vectors'], fig_dir / 'jacobian_eigenvectors.png', sigma_255=self.args.eigen_sigma)]
 
 
+def model_label(info: Dict[str, Any], override: Optional[str] = None) -> str:
+    """A short name for a model in figures: ``override`` (``--label``), else its architecture and, for
+    an export of train_joint.py, the task it was trained for, e.g. 'resnet18 (classification)'.
+
+    Args:
+        info: What ``load_model`` says about the model (``architecture``, ``config``, ``name``).
+        override: A label given on the command line.
+    """
+    if override:
+        return override
+    arch = str(info.get('architecture') or info.get('name') or 'model')
+    if arch.startswith(('local-dir:', 'hf-hub:')) or '/' in arch:
+        arch = Path(arch.split(':', 1)[-1].rstrip('/')).name or arch
+    config = info.get('config') or {}
+    task = (config.get('timm_joint') or {}).get('task') if isinstance(config, dict) else None
+    return f'{arch} ({task})' if task else arch
+
+
+def _model_names(args: argparse.Namespace, setup: _Setup) -> Dict[str, str]:
+    """{name in results.json: label in figures} of the model and the reference (``--label``,
+    ``--reference-label``; the reference's label gets ' (reference)' when the two would read alike)."""
+    names = {args.model: model_label(setup.info, args.label)}
+    if setup.reference is not None:
+        ref_name = args.reference_model if args.reference_model != args.model else f'{args.reference_model} (reference)'
+        ref_label = model_label(setup.ref_info, args.reference_label)
+        if ref_label == names[args.model]:
+            ref_label += ' (reference)'
+        names[ref_name] = ref_label
+    return names
+
+
 def build_metrics(args: argparse.Namespace, setup: _Setup) -> List[Metric]:
     """The metrics ``args`` asks for, in the order their results are written."""
     ds, model = setup.ds, setup.model
+    labels = _model_names(args, setup)
     models, folders = {args.model: model}, {args.model: setup.info.get('folder')}
     if setup.reference is not None:
-        ref_name = args.reference_model if args.reference_model != args.model else f'{args.reference_model} (reference)'
+        ref_name = list(labels)[1]
         models[ref_name], folders[ref_name] = setup.reference, setup.ref_info.get('folder')
     out: List[Metric] = [
         NoisyAccuracy(args.sigmas), Calibration(args.sigmas),
         Denoising(model, args.psnr_sigmas, has_labels=setup.has_labels,
                   grid_positions=set(_spread(len(ds), args.grid_images)),
-                  training=read_training_sigma_max(setup.info.get('folder'), args.train_sigma_max)),
+                  training=read_training_sigma_max(setup.info.get('folder'), args.train_sigma_max),
+                  class_names=setup.class_names, label=labels[args.model]),
     ]
     if setup.ood_ds is not None:
         out.append(OODDetection(model, setup.ood_ds, args, setup.device))
     if args.attack:
-        out.append(Attacks(models, set(_spread(len(ds), args.attack_images)), args, setup.ref_info))
+        out.append(Attacks(models, set(_spread(len(ds), args.attack_images)), args, setup.ref_info, labels=labels))
     if args.certify:
-        out.append(Certification(models, folders, ds, args, setup.device))
+        out.append(Certification(models, folders, ds, args, setup.device, labels=labels))
     if has_energy(model) and args.eigen_k > 0:
         out.append(JacobianSpectrum(model, ds, args, setup.device))
     return out
@@ -830,7 +876,8 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     info = setup.info
     results: Dict[str, Any] = {
         'schema_version': SCHEMA_VERSION,
-        'model': {'name': args.model, 'checkpoint': args.checkpoint or info.get('folder') or info.get('source'),
+        'model': {'name': args.model, 'label': _model_names(args, setup)[args.model],
+                  'checkpoint': args.checkpoint or info.get('folder') or info.get('source'),
                   'num_params': info['num_params'],
                   'architecture': info.get('architecture'), 'denoiser': is_denoiser(setup.model)},
         'dataset': {'name': args.dataset, 'split': args.split, 'num_images': n_images, 'img_size': setup.img_size,
@@ -1027,6 +1074,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--attack-steps', type=int, default=20)
     p.add_argument('--reference-model', default=None, help='a standard classifier attacked beside the model')
     p.add_argument('--reference-checkpoint', default=None)
+    p.add_argument('--label', default=None,
+                   help="the model's name in figures (default: its architecture and training task, e.g. "
+                        "'gradresnet_tiny_joint (joint)')")
+    p.add_argument('--reference-label', default=None, help="the reference model's name in figures")
     p.add_argument('--certify', action='store_true',
                    help='certified L2 robustness by randomized smoothing (Cohen et al. 2019); the slowest evaluation: '
                         'an estimate of its duration is printed first')

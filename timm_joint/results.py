@@ -7,7 +7,8 @@ through ``validate_results``, so a key means the same thing, with the same check
 Schema version 1::
 
     schema_version  1
-    model           {name: str, checkpoint: str or null, num_params: int >= 0, architecture, denoiser}
+    model           {name: str, checkpoint: str or null, num_params: int >= 0, architecture, denoiser,
+                     label: its name in figures (--label, or architecture and training task)}
     dataset         {name: str ('' for an image folder), split: str, num_images: int > 0, img_size: int > 0,
                      skipped_images: optional [{path, error}], the files --skip-bad-images left out}
     accuracy        {sigma: top-1 %}                        sigma: a 0-255 level as a string, e.g. "25"
