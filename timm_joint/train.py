@@ -3,8 +3,15 @@
 
     timm-joint-train -c configs/quickstart.yaml           # or: python -m timm_joint.train ...
     python train_joint.py -c configs/quickstart.yaml      # the same, from a source checkout
-    accelerate launch train_joint.py -c configs/cifar10_joint.yaml --data-dir /data/cifar10
+    accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+        train_joint.py -c configs/cifar10_joint.yaml --data-dir /data/cifar10
     torchrun --nproc_per_node 2 train_joint.py ...        # several CPU processes (gloo)
+
+``accelerate launch`` without those four flags (or an ``accelerate config``) first prints a warning that it
+used defaults, before this script starts. The console shows the progress bars, one line per validation
+and the final summary; everything, Accelerate's line for each checkpoint file included, also goes to
+OUTPUT/EXPERIMENT/log.txt. On the CPU a run uses the idle cores' worth of threads (``--threads``,
+``OMP_NUM_THREADS``), and says so in one line.
 
 Two loaders over the same training set are stepped in lockstep: the classification loader (padded or
 random-resized crops, flips, MixUp/CutMix, noise with sigma = sigma_max_cls * u^2) and the denoising
