@@ -2,7 +2,6 @@
 import sys
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 import timm
@@ -32,7 +31,7 @@ def paths(tmp_path_factory):
 
 
 def _call(main, argv):
-    """(exit status, stdout, stderr lines) of a command's main."""
+    """The exit status of a command's main (Accelerate's singletons reset after it)."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
     try:
         code = main([str(a) for a in argv])

@@ -1,5 +1,4 @@
 """Figures: models named by short labels, legends beside the data, axes sized to the data, class names."""
-import pytest
 
 from timm_joint import figures
 from timm_joint.data import QUICKSTART_IMAGES, create_eval_dataset, prepare_quickstart
