@@ -225,3 +225,56 @@ def test_write_wds_names_members_as_timm_reads_them(tmp_path):
     streamed = create_dataset('wds/', root=str(tmp_path / 'out'), split='train')
     assert sorted(sample_key(img, t) for img, t in streamed) == expected
     assert len(expected) == 6
+
+
+# -- images that cannot be read ------------------------------------------------------------------
+
+def _damage(folder, how):
+    """Damage one validation image in place; returns its path."""
+    import os
+    path = sorted((folder / 'validation').rglob('*.png'))[3]
+    data = path.read_bytes()
+    path.write_bytes(os.urandom(500) if how == 'random_bytes' else data[:len(data) // 2])
+    return path
+
+
+@pytest.fixture
+def damaged(tmp_path):
+    return prepare_quickstart(tmp_path / 'qs', patch_size=16, train_per_class=4, val_per_class=3, short_side=96,
+                              images=('astronaut', 'brick'))
+
+
+@pytest.mark.parametrize('how', ['random_bytes', 'truncated'])
+@pytest.mark.parametrize('workers', [0, 2])
+def test_an_unreadable_image_stops_with_its_path_never_replaced(how, workers, damaged):
+    from torch.utils.data import DataLoader
+    from timm_joint.data import BadImageError
+    bad = _damage(damaged, how)
+    ds = create_eval_dataset('', str(damaged), img_size=16)
+    loader = DataLoader(ds, batch_size=2, num_workers=workers)
+    with pytest.raises(BadImageError) as e:
+        for _ in loader:
+            pass
+    message = str(e.value)
+    # One line, the path, why, and the way out, also when a loader worker raised it.
+    assert '\n' not in message and f"image '{bad}' cannot be read" in message and '--skip-bad-images' in message
+    assert isinstance(e.value, ValueError)
+
+
+def test_skip_bad_images_leaves_them_out_and_counts_them(damaged):
+    from timm_joint.data import create_joint_datasets, skip_bad_images
+    bad = _damage(damaged, 'random_bytes')
+    ds = create_eval_dataset('', str(damaged), img_size=16)
+    n = len(ds)
+    checked, skipped = skip_bad_images(ds)
+    assert checked == n and [p for p, _ in skipped] == [str(bad)] and 'UnidentifiedImageError' in skipped[0][1]
+    assert len(ds) == n - 1
+    seen = [ds.dataset.reader.filename(i, absolute=True) for i in range(len(ds))]
+    assert str(bad) not in seen and len(set(seen)) == len(seen)  # no image counted twice
+    assert all(ds[i][0].shape == (3, 16, 16) for i in range(len(ds)))
+    # The two training views share one file list: checking one leaves the file out of both.
+    ds_cls, ds_den = create_joint_datasets('', str(damaged), img_size=16, split='validation', seed=0)
+    skip_bad_images(ds_cls)
+    assert len(ds_cls) == len(ds_den) == n - 1
+    with pytest.raises(ValueError, match='checks image folders'):
+        skip_bad_images(IndexedDataset(_RandomDraws()))

@@ -340,3 +340,28 @@ def test_dedicated_denoiser_gets_blind_psnr_and_no_classification(arch, kwargs, 
     assert r['psnr']['blind']['25'] == pytest.approx(float(psnr(d, x).mean()), abs=1e-4)
     with pytest.raises(ValueError, match='no classifier'):
         run(['--model', f'local-dir:{tmp_path / "export"}', *_common(assets, tmp_path / 'o2', '--sigmas', '0')])
+
+
+def test_an_unreadable_image_stops_evaluation_unless_skipped(assets, tmp_path):
+    import os
+    data = tmp_path / 'qs'
+    shutil.copytree(assets['qs'], data)
+    bad = sorted((data / 'validation').rglob('*.png'))[5]
+    bad.write_bytes(os.urandom(500))
+    n = len(list((data / 'validation').rglob('*.png')))
+    argv = ['--model', 'gradresnet_tiny_joint', '--checkpoint', assets['tiny'], '--data-dir', str(data),
+            '--img-size', '16', '--workers', '2', '--batch-size', '8', '--no-progress', '--sigmas', '0',
+            '--psnr-sigmas', '25', '--eigen-k', '0', '--grid-images', '1']
+    with pytest.raises(ValueError, match=f"image '{bad}' cannot be read") as e:
+        run(argv + ['--out', str(tmp_path / 'strict')])
+    assert '\n' not in str(e.value) and not (tmp_path / 'strict' / 'results.json').exists()
+    r = run(argv + ['--out', str(tmp_path / 'skip'), '--skip-bad-images'])
+    assert r['dataset']['num_images'] == n - 1  # left out, never replaced by a neighbour
+    assert [s['path'] for s in r['dataset']['skipped_images']] == [str(bad)]
+    assert str(bad) in (tmp_path / 'skip' / 'results.md').read_text()
+
+
+def test_results_name_each_model_by_a_short_label(e2e):
+    r = e2e['results']
+    assert r['model']['label'] == 'gradresnet_tiny_joint'  # its export records no training task
+    assert r['robustness']['reference']['label'] == 'test_resnet'

@@ -498,14 +498,14 @@ def test_offline_without_weights_names_repo_and_ways_out(tmp_path):
             timm.create_model('gradresnet_tiny_joint', pretrained=True)
             print(json.dumps({'error': None}))
         except Exception as e:
-            print(json.dumps({'error': type(e).__name__, 'message': str(e)}))
+            print(json.dumps({'error': type(e).__name__, 'message': str(e), 'runtime': isinstance(e, RuntimeError)}))
     ''')
     proc = subprocess.run([sys.executable, '-c', code], env=_offline_env(tmp_path / 'empty_hf_home'),
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report['error'] == 'RuntimeError'
-    assert REGISTERED_ID in report['message']
+    assert report['error'] == 'PretrainedUnavailableError' and report['runtime']  # timm's loaders raise RuntimeError
+    assert REGISTERED_ID in report['message'] and 'HF_HUB_OFFLINE' in report['message']
     assert 'local-dir:' in report['message'] and 'train_joint.py' in report['message']
 
 
@@ -546,3 +546,154 @@ def test_plain_tensor_pickle_is_accepted_and_converted(published, tmp_path):
     ref = _outputs(published['model'], x)
     got = _outputs(timm.create_model(f'local-dir:{out}', pretrained=True), x)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+# -- a stand-in Hub over HTTP: unpublished tags fail at once, published ones download ------------
+
+class _StandInHub:
+    """A local HTTP server that answers as the Hugging Face Hub does for file downloads
+    (``HEAD``/``GET /ORG/NAME/resolve/REVISION/FILE``): the files of published repos, 404 with
+    ``X-Error-Code: EntryNotFound`` for a file a repo lacks, and 401 with ``RepoNotFound`` for
+    a repo that does not exist (what the Hub tells an anonymous client). Every request is logged."""
+
+    def __init__(self, repos):
+        import http.server
+        import threading
+        self.repos = repos  # {repo_id: {filename: bytes}}
+        self.requests = []
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, body: bool):
+                stand_in.requests.append((self.command, self.path))
+                parts = self.path.split('?')[0].strip('/').split('/')
+                repo_id, filename = '/'.join(parts[:2]), '/'.join(parts[4:])
+                files = stand_in.repos.get(repo_id)
+                if len(parts) < 5 or parts[2] != 'resolve' or files is None:
+                    self.send_response(401)
+                    self.send_header('X-Error-Code', 'RepoNotFound')
+                    self.send_header('X-Error-Message', 'Repository not found')
+                    self.send_header('Content-Length', '0')
+                    self.end_headers()
+                    return
+                if filename not in files:
+                    self.send_response(404)
+                    self.send_header('X-Error-Code', 'EntryNotFound')
+                    self.send_header('X-Error-Message', 'Entry not found')
+                    self.send_header('Content-Length', '0')
+                    self.end_headers()
+                    return
+                data = files[filename]
+                self.send_response(200)
+                self.send_header('X-Repo-Commit', '3' * 40)
+                self.send_header('ETag', f'"{hashlib.sha256(data).hexdigest()}"')
+                self.send_header('Content-Length', str(len(data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def do_HEAD(self):
+                self._answer(body=False)
+
+            def do_GET(self):
+                self._answer(body=True)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.url = f'http://127.0.0.1:{self.server.server_address[1]}'
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _online_env(hf_home: Path, endpoint: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGING_FACE'))}
+    env.update(HF_HOME=str(hf_home), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_TELEMETRY='1',
+               GIT_PYTHON_REFRESH='quiet', NO_PROXY='127.0.0.1,localhost', no_proxy='127.0.0.1,localhost')
+    return env
+
+
+_SUBPROCESS_PRETRAINED = textwrap.dedent('''
+    import json, sys, time
+    import torch, timm, timm_joint
+    from safetensors.torch import load_file, save_file
+    report = {}
+    for key, name in (('unpublished', 'gradresnet10_joint'), ('published', 'gradresnet_tiny_joint')):
+        t0 = time.time()
+        try:
+            model = timm.create_model(name, pretrained=True).eval()
+            x = load_file(sys.argv[1])['x']
+            with torch.no_grad():
+                save_file({'logits': model(x).contiguous()}, sys.argv[2])
+            report[key] = {'error': None}
+        except Exception as e:
+            report[key] = {'error': type(e).__name__, 'message': str(e), 'cause': repr(e.__cause__),
+                           'context_shown': not e.__suppress_context__ and e.__context__ is not None}
+        report[key]['seconds'] = time.time() - t0
+    print(json.dumps(report))
+''')
+
+
+def test_pretrained_fails_at_once_when_unpublished_and_downloads_once_published(tmp_path):
+    model = _trained_tiny(num_classes=10, seed=5)
+    out = publish(_export(model, tmp_path / 'runs' / 'c10', 10), _results(), tmp_path / 'pub')
+    stand_in = _StandInHub({REGISTERED_ID: {p.name: p.read_bytes() for p in out.iterdir()}})
+    try:
+        x = _inputs()
+        save_file({'x': x}, str(tmp_path / 'x.safetensors'))
+        script = tmp_path / 'pretrained.py'
+        script.write_text(_SUBPROCESS_PRETRAINED)
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path / 'x.safetensors'), str(tmp_path / 'y.safetensors')],
+                              env=_online_env(tmp_path / 'hf_home', stand_in.url), capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+    finally:
+        stand_in.close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    # Not published: one request, no retries, the one message with the repo and the ways out, nothing chained.
+    bad = report['unpublished']
+    unpublished = [r for r in stand_in.requests if 'gradresnet10_joint' in r[1]]
+    assert len(unpublished) == 1, unpublished
+    assert bad['error'] == 'PretrainedUnavailableError' and bad['cause'] == 'None' and not bad['context_shown']
+    assert f'{timm_joint.HF_HUB_ORG}/gradresnet10_joint.cifar10' in bad['message']
+    assert 'not published' in bad['message'] and 'local-dir:' in bad['message'] and 'train_joint.py' in bad['message']
+    assert '\n' not in bad['message'] and bad['seconds'] < 30
+    assert 'Retrying' not in proc.stderr
+
+    # Published: downloaded through timm's loader from the stand-in Hub, bit-equal to the model.
+    assert report['published']['error'] is None, report['published']
+    assert any(r[0] == 'GET' and r[1].endswith('/model.safetensors') and 'gradresnet_tiny_joint' in r[1]
+               for r in stand_in.requests)
+    with torch.no_grad():
+        ref_logits = model(x)
+    assert torch.equal(load_file(str(tmp_path / 'y.safetensors'))['logits'], ref_logits)
+
+
+def test_pretrained_with_an_unreachable_hub_fails_in_one_line(tmp_path):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on: connections are refused
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    code = textwrap.dedent('''
+        import json, time, timm, timm_joint
+        t0 = time.time()
+        try:
+            timm.create_model('gradresnet_tiny_joint', pretrained=True)
+            print(json.dumps({'error': None}))
+        except Exception as e:
+            print(json.dumps({'error': type(e).__name__, 'message': str(e), 'seconds': time.time() - t0,
+                              'chained': e.__cause__ is not None or not e.__suppress_context__}))
+    ''')
+    proc = subprocess.run([sys.executable, '-c', code], env=_online_env(tmp_path / 'hf_home', f'http://127.0.0.1:{port}'),
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 'Retrying' not in proc.stderr and report['seconds'] < 30  # timm's download alone retried for a minute
+    assert report['error'] == 'PretrainedUnavailableError' and not report['chained']
+    assert 'could not reach the Hugging Face Hub' in report['message'] and REGISTERED_ID in report['message']

@@ -392,3 +392,71 @@ def test_cli_turns_bad_options_into_one_error_line_and_status_2(tmp_path, capsys
     assert train_joint.cli(['--model', 'no_such_model', '--data-dir', str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'error: unknown model' in err[0]
+
+
+def test_pretrained_weights_that_cannot_be_had_are_one_error_line(data_dir, tmp_path, capsys, monkeypatch):
+    import timm_joint.io
+    monkeypatch.setattr(timm_joint.io, '_hub_offline', lambda: True)  # HF_HUB_OFFLINE, read when asked
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'empty_hf_home'))
+    _reset_accelerate()
+    try:
+        assert train_joint.cli(['--model', 'gradresnet_tiny_joint', '--pretrained', '--data-dir', str(data_dir),
+                                '--output', str(tmp_path)]) == 2
+    finally:
+        _reset_accelerate()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and '--pretrained: pretrained weights for' in err[0] and 'HF_HUB_OFFLINE' in err[0], err
+
+
+def test_an_unreadable_image_stops_training_unless_skipped_and_counted(data_dir, tmp_path, capsys):
+    import os
+    import shutil
+    data = tmp_path / 'data'
+    shutil.copytree(data_dir, data)
+    bad = sorted((data / 'validation').rglob('*.png'))[0]
+    bad.write_bytes(os.urandom(500))
+    n_val = len(list((data / 'validation').rglob('*.png')))
+    common = TINY + ['--data-dir', data, '-b', '8', '--epochs', '1', '--max-steps', '2', '--output', tmp_path]
+    _reset_accelerate()
+    try:
+        assert train_joint.cli([str(a) for a in common + ['--experiment', 'strict']]) == 2
+    finally:
+        _reset_accelerate()
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if 'error' in line]
+    assert len(err) == 1 and f"image '{bad}' cannot be read" in err[0] and '--skip-bad-images' in err[0], err
+
+    out = run(common + ['--experiment', 'skip', '--skip-bad-images'])
+    (row,) = list(csv.DictReader(open(out / 'summary.csv')))
+    assert int(row['eval_num_images']) == n_val - 1  # left out, not replaced by its neighbour
+    assert row['eval_skipped_val_images'] == '1' and row['eval_skipped_train_images'] == '0'
+    assert f'left out {bad}: UnidentifiedImageError' in (out / 'log.txt').read_text()
+
+
+def test_console_shows_progress_validations_and_summary_and_the_log_file_the_rest(data_dir, tmp_path, capfd):
+    out = run(TINY + ['--data-dir', data_dir, '-b', '8', '--epochs', '3', '--eval-interval', '1',
+                      '--log-interval', '1000', '--output', tmp_path, '--experiment', 'log', '--threads', '1'])
+    console = capfd.readouterr().err
+    lines = [line for line in console.splitlines() if line.strip()]
+    validations = [line for line in lines if line.startswith('epoch ') and ' update ' in line]
+    assert len(validations) == 3, lines
+    assert not any('[RANK' in line or 'saved in' in line or 'Saving' in line for line in lines), lines
+    assert lines[1] == 'CPU threads: 1 per process (--threads)'
+    assert lines[-1] == f'Outputs in {out} (log: {out / "log.txt"})' and lines[-2].startswith('*** Best top1_s0')
+    assert len(lines) == 2 + len(validations) + 2, lines  # threads, model; validations; best, outputs
+    log = (out / 'log.txt').read_text()
+    assert '[RANK 0] Saving current state' in log and 'saved in' in log
+    assert all(line in log for line in lines)
+    import logging
+    assert not any(type(h).__name__ in ('_ConsoleHandler', 'FileHandler', 'MemoryHandler')
+                   for h in logging.getLogger().handlers)  # nothing left behind for the next run in this process
+
+
+def test_quickstart_validates_at_least_three_times(tmp_path):
+    args, _ = train_joint._parse_args(['-c', str(ROOT / 'configs' / 'quickstart.yaml')])
+    assert args.epochs // args.eval_interval >= 3, (args.epochs, args.eval_interval)
+
+
+def test_a_refused_run_writes_no_log(data_dir, tmp_path):
+    with pytest.raises(ValueError):
+        run(TINY + ['--data-dir', data_dir, '--output', tmp_path, '--experiment', 'x', '--lambda-den', '-1'])
+    assert not (tmp_path / 'x').exists()

@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cli import check_out_file, error_line, program_name
 from .io import atomic_write
 
 __all__ = ['CASES', 'TARGETS', 'SCHEMA_NAME', 'SCHEMA_VERSION', 'run_benchmark', 'validate_results',
@@ -793,7 +794,7 @@ def validate_results(doc: Any) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog='timm-joint-benchmark',
+        prog=program_name('timm_joint.benchmark'),
         description='Speed and memory of GradResNet (classify, denoise, train) beside timm resnet18, '
                     'a JEM-style step, DnCNN and DRUNet; Markdown tables on stdout, JSON to --out.')
     p.add_argument('--img-size', type=int, nargs='+', default=[32, 224], choices=sorted(DEFAULT_MODELS),
@@ -827,6 +828,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Command-line entry point (``timm-joint-benchmark``): run, print the tables, write the JSON."""
     args = _parser().parse_args(argv)
+    try:
+        check_out_file(args.out, '--out')  # before the benchmark runs, not after
+    except ValueError as e:
+        print(error_line('timm_joint.benchmark', e), file=sys.stderr)
+        sys.exit(2)
     devices = args.device or (['cpu', 'cuda'] if torch.cuda.is_available() else ['cpu'])
     cfg = dict(
         img_size=args.img_size, batch_size=args.batch_size or [DEFAULT_BATCH[s] for s in args.img_size],

@@ -23,20 +23,22 @@ import copy
 import hashlib
 import json
 import os
+import sys
 import tarfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
 from torchvision import transforms as T
 
+from .cli import check_in_dir, check_out_dir, error_line, program_name
 from .io import atomic_dir
 from .noise import sample_seed, seeded_noise
 
 __all__ = [
-    'IndexedDataset', 'IndexedIterableDataset', 'sample_key', 'is_streamed', 'write_wds', 'create_joint_datasets',
+    'BadImageError', 'skip_bad_images', 'IndexedDataset', 'IndexedIterableDataset', 'sample_key', 'is_streamed', 'write_wds', 'create_joint_datasets',
     'create_eval_dataset', 'cls_transform', 'den_transform',
     'eval_transform', 'prepare_quickstart', 'prepare_digits', 'prepare_textures', 'QUICKSTART_IMAGES', 'check_data_dir',
 ]
@@ -60,6 +62,123 @@ def _augment(fn: Callable[[], Any], seed: Optional[int], stream: int, epoch: int
 
 
 SIGMA_DISTS = ('squared_uniform', 'fixed')
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be read, named by its path.
+
+    timm's ``ImageDataset`` logs "Skipped sample" for such a file and returns the next image in its
+    place, so that image is counted twice; here training and evaluation stop instead (or, with
+    ``--skip-bad-images``, leave such files out before they start: ``skip_bad_images``).
+    """
+
+    def __init__(self, message: str):
+        # A DataLoader worker's exception is raised again in the main process as
+        # ``BadImageError("Caught BadImageError in DataLoader worker ...\nOriginal Traceback ...")``:
+        # keep the original one-line message, the last line of that traceback.
+        if isinstance(message, str) and message.startswith(f'Caught {type(self).__name__}'):
+            marker = f'{type(self).__name__}: '
+            for line in reversed(message.strip().splitlines()):
+                if marker in line:
+                    message = line.split(marker, 1)[1]
+                    break
+        super().__init__(message)
+
+
+# What PIL raises for a file it cannot decode (truncated, not an image, a decompression bomb...).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+
+
+def _decode_image(fp, mode: Optional[str]):
+    """Open and fully decode an image (``mode``: convert to it, e.g. 'RGB'), so that a broken file
+    fails here, at once, rather than part-way through a transform."""
+    from PIL import Image
+    img = Image.open(fp)
+    if mode:
+        return img.convert(mode)  # decodes the pixels
+    img.load()
+    return img
+
+
+def _why(e: BaseException) -> str:
+    """Why PIL could not read a file, in words that do not repeat its path."""
+    from PIL import UnidentifiedImageError
+    if isinstance(e, UnidentifiedImageError):
+        return f'{type(e).__name__}: not an image format PIL can identify'
+    return f'{type(e).__name__}: {e}'
+
+
+def _load_sample(ds, index: int) -> tuple:
+    """``ds[index]``; for timm's ``ImageDataset`` the image is decoded here, as timm would, except that
+    a file that cannot be read raises ``BadImageError`` with its path instead of being skipped
+    (timm returns the next image in its place)."""
+    from timm.data import ImageDataset
+    if not isinstance(ds, ImageDataset) or ds.load_bytes:
+        return ds[index]
+    fp, target, *features = ds.reader[index]
+    try:
+        img = _decode_image(fp, ds.input_img_mode)
+    except _DECODE_ERRORS as e:
+        raise BadImageError(
+            f'image {ds.reader.filename(index, absolute=True)!r} cannot be read ({_why(e)}): '
+            f'replace or remove it, or pass --skip-bad-images to leave such files out (counted and reported)') from None
+    finally:
+        if hasattr(fp, 'close'):
+            fp.close()  # the folder reader opens the file; the pixels are decoded by now
+    if ds.transform is not None:
+        img = ds.transform(img)
+    if target is None:
+        target = -1
+    elif ds.target_transform is not None:
+        target = ds.target_transform(target)
+    return (img, target) if ds.additional_features is None else (img, target, *features)
+
+
+def skip_bad_images(ds, *, workers: int = 1) -> Tuple[int, List[Tuple[str, str]]]:
+    """Decode every image of an image-folder dataset once and leave out those that cannot be read.
+
+    The files are dropped from the dataset's file list (shared by the views of one split), so every
+    remaining image is counted once and none stands in for another. This reads the whole split up
+    front: seconds for the quickstart data, long for ImageNet.
+
+    Args:
+        ds: timm's ``ImageDataset`` over a folder (possibly wrapped: ``IndexedDataset``).
+        workers: Threads that decode (PIL releases the GIL while it decodes).
+
+    Returns:
+        (images checked, [(path, why it cannot be read), ...] of the files left out).
+
+    Raises:
+        ValueError: a dataset whose files this cannot list (not an image folder), or one left empty.
+    """
+    import concurrent.futures
+    from timm.data import ImageDataset
+    base = ds
+    while not isinstance(base, ImageDataset) and hasattr(base, 'dataset'):
+        base = base.dataset
+    samples = getattr(getattr(base, 'reader', None), 'samples', None)
+    if not isinstance(base, ImageDataset) or not isinstance(samples, list) or (
+            samples and not isinstance(samples[0][0], str)):
+        raise ValueError('--skip-bad-images checks image folders (--dataset ""): other datasets decode their '
+                         'images elsewhere')
+    mode = base.input_img_mode
+
+    def check(path: str) -> Optional[str]:
+        try:
+            with open(path, 'rb') as f:
+                _decode_image(f, mode)
+        except _DECODE_ERRORS as e:
+            return _why(e)
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        errors = list(pool.map(check, [s[0] for s in samples]))
+    bad = [(s[0], err) for s, err in zip(samples, errors) if err is not None]
+    if len(bad) == len(samples):
+        raise ValueError(f'none of the {len(samples)} images in {base.reader.root!r} can be read '
+                         f'(first: {bad[0][0]!r}, {bad[0][1]})')
+    samples[:] = [s for s, err in zip(samples, errors) if err is None]  # in place: the views share the list
+    return len(errors), bad
 
 
 def _with_noise(img: torch.Tensor, target: Any, index: int, sigma_max: Optional[float], seed: Optional[int],
@@ -120,7 +239,7 @@ class IndexedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple:
-        img, target = _augment(lambda: self.dataset[index], self.seed, self.stream, self.epoch, index)
+        img, target = _augment(lambda: _load_sample(self.dataset, index), self.seed, self.stream, self.epoch, index)
         return _with_noise(img, target, index, self.sigma_max, self.seed, self.stream, self.epoch, self.sigma_dist)
 
 
@@ -281,6 +400,11 @@ def eval_transform(img_size: int, crop_pct: float = 1.0, interpolation: str = 'b
 def check_data_dir(dataset: str, data_dir: Optional[str], download: bool = False) -> None:
     """Refuse a missing or empty data folder before any work starts."""
     name = dataset.lower()
+    if data_dir and '://' not in str(data_dir) and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise ValueError(f'data folder {str(data_dir)!r} is a file: expected a folder ('
+                         + ('its .tar shards and _info.json' if name.startswith('wds/') else
+                            'the files of ' + repr(dataset) if name.startswith('torch/') else
+                            'class subfolders of images, under train/ and validation/') + ')')
     if name.startswith('wds/'):
         if not data_dir:
             raise ValueError('a wds/ dataset needs --data-dir: the folder (or URL) holding its .tar shards and '
@@ -627,7 +751,8 @@ def prepare_textures(root: Union[str, Path], *, img_size: int = 32, train_per_cl
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description='Write the offline image folders used by the quickstart and tests.')
+    parser = argparse.ArgumentParser(prog=program_name('timm_joint.data'),
+                                     description='Write the offline image folders used by the quickstart and tests.')
     sub = parser.add_subparsers(dest='cmd', required=True)
     q = sub.add_parser('quickstart', help="patches of scikit-image's sample images, labelled by source image")
     q.add_argument('--root', default='data/quickstart')
@@ -643,14 +768,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     w.add_argument('--splits', nargs='+', default=['train', 'validation'])
     w.add_argument('--shard-size', type=int, default=1000)
     args = parser.parse_args(argv)
-    if args.cmd == 'quickstart':
-        path = prepare_quickstart(args.root, train_per_class=args.train_per_class, val_per_class=args.val_per_class)
-    elif args.cmd == 'digits':
-        path = prepare_digits(args.root)
-    elif args.cmd == 'textures':
-        path = prepare_textures(args.root)
-    else:
-        path = write_wds(args.src, args.dst, splits=args.splits, shard_size=args.shard_size)
+    try:
+        if args.cmd == 'wds':
+            check_in_dir(args.src, '--src', 'an image folder <split>/<class>/<image>')
+            check_out_dir(args.dst, '--dst')
+        else:
+            check_out_dir(args.root, '--root')
+        if args.cmd == 'quickstart':
+            path = prepare_quickstart(args.root, train_per_class=args.train_per_class, val_per_class=args.val_per_class)
+        elif args.cmd == 'digits':
+            path = prepare_digits(args.root)
+        elif args.cmd == 'textures':
+            path = prepare_textures(args.root)
+        else:
+            path = write_wds(args.src, args.dst, splits=args.splits, shard_size=args.shard_size)
+    except ValueError as e:
+        print(error_line('timm_joint.data', e), file=sys.stderr)
+        sys.exit(2)
     print(f'wrote {path}')
 
 

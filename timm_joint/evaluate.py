@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from . import metrics
+from .cli import check_out_dir, error_line, program_name, set_cpu_threads
 from .io import atomic_write, load_model
 from .protocol import denoise_blind, has_classifier, has_energy, is_denoiser, is_joint
 from .results import NA, SCHEMA_VERSION, is_number, validate_results
@@ -257,6 +258,19 @@ def _label_info(ds) -> Tuple[bool, Optional[int]]:
     return True, None
 
 
+def _class_names(ds) -> Optional[List[str]]:
+    """The dataset's class names by label (an image folder's subfolders, torchvision's ``classes``), or None."""
+    base = _base_dataset(ds)
+    c2i = getattr(getattr(base, 'reader', None), 'class_to_idx', None) or getattr(base, 'class_to_idx', None)
+    if isinstance(c2i, dict) and c2i and '' not in c2i:
+        names = [''] * (max(c2i.values()) + 1)
+        for name, i in c2i.items():
+            names[i] = str(name)
+        return names
+    classes = getattr(base, 'classes', None)
+    return [str(c) for c in classes] if classes else None
+
+
 def _raw_size(ds) -> Tuple[int, int]:
     """(height, width) of the first image as stored, before the evaluation transform."""
     base = _base_dataset(ds)
@@ -326,6 +340,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f'--certify-sigmas must be noise levels > 0 (0-255 units), got {args.certify_sigmas}')
         if args.certify_images < 1:
             raise ValueError(f'--certify-images must be >= 1, got {args.certify_images}')
+    check_out_dir(args.out, '--out')
 
 
 
@@ -345,11 +360,13 @@ class _Setup:
     ood_ds: Any
     img_size: int
     has_labels: bool
+    skipped: Optional[List[Dict[str, str]]] = None  # --skip-bad-images: the files left out
+    class_names: Optional[List[str]] = None
 
 
 def _prepare(args: argparse.Namespace) -> _Setup:
     """Every check on the inputs (options, output folder, checkpoints, datasets), in that order."""
-    from .data import create_eval_dataset
+    from .data import create_eval_dataset, skip_bad_images
 
     _check_args(args)
     results_path = Path(args.out) / 'results.json'
@@ -374,6 +391,13 @@ def _prepare(args: argparse.Namespace) -> _Setup:
 
     ds = create_eval_dataset(args.dataset, args.data_dir, img_size=img_size, split=args.split,
                              download=args.dataset_download, crop_pct=crop_pct)
+    skipped = None
+    if args.skip_bad_images:
+        checked, bad = skip_bad_images(ds, workers=args.workers)
+        skipped = [{'path': path, 'error': why} for path, why in bad]
+        if bad:
+            print(f'--skip-bad-images: left out {len(bad)} of {checked} images that cannot be read, e.g. {bad[0][0]} '
+                  f'({bad[0][1]}); results.json lists them', file=sys.stderr)
     has_labels, n_dataset_classes = _label_info(ds)
     if (args.sigmas or args.attack or args.certify) and not has_labels:
         raise ValueError(
@@ -389,6 +413,9 @@ def _prepare(args: argparse.Namespace) -> _Setup:
     if args.ood_data_dir or args.ood_dataset:
         ood_ds = create_eval_dataset(args.ood_dataset or '', args.ood_data_dir, img_size=img_size,
                                      split=args.ood_split, download=args.dataset_download, crop_pct=crop_pct)
+        if args.skip_bad_images:
+            _, bad = skip_bad_images(ood_ds, workers=args.workers)
+            skipped += [{'path': path, 'error': why} for path, why in bad]
         size = _raw_size(ood_ds)
         if size != (img_size, img_size) and not args.ood_resize:
             raise ValueError(
@@ -397,7 +424,8 @@ def _prepare(args: argparse.Namespace) -> _Setup:
                 f'dataset at {img_size}x{img_size}, or pass --ood-resize to accept it')
         ood_ds = _subset(ood_ds, args.max_images)
     return _Setup(device=device, model=model, info=info, reference=reference, ref_info=ref_info,
-                  ds=_subset(ds, args.max_images), ood_ds=ood_ds, img_size=img_size, has_labels=has_labels)
+                  ds=_subset(ds, args.max_images), ood_ds=ood_ds, img_size=img_size, has_labels=has_labels,
+                  skipped=skipped, class_names=_class_names(ds))
 
 
 class Batch:
@@ -508,8 +536,10 @@ class Denoising(Metric):
     VARIANTS = ('blind', 'cond_true', 'cond_pred')
 
     def __init__(self, model: nn.Module, sigmas_255: Sequence[float], *, has_labels: bool,
-                 grid_positions: Set[int], training: Dict[str, Any]):
+                 grid_positions: Set[int], training: Dict[str, Any], class_names: Optional[Sequence[str]] = None,
+                 label: Optional[str] = None):
         self.denoises, self.conditional, self.has_labels = is_denoiser(model), is_joint(model), has_labels
+        self.class_names, self.label = class_names, label
         self.levels = sorted(set(sigmas_255))
         self.keys = [level_key(s) for s in sigmas_255]
         self.per: Dict[str, Dict[str, List[torch.Tensor]]] = {
@@ -547,6 +577,11 @@ class Denoising(Metric):
                                 ('labels', labels)):
                     self.grid[name].append(t[in_grid].cpu())
 
+    def _class_title(self, c: int) -> str:
+        """A grid row's class, by its name when the dataset has one (the predicted one without labels)."""
+        name = self.class_names[c] if self.class_names and 0 <= c < len(self.class_names) else f'class {c}'
+        return name if self.has_labels else f'predicted: {name}'
+
     def _stat(self, name: str, key: str) -> Any:
         values = self.per[name][key]
         return _mean(values) if values else NA
@@ -574,10 +609,11 @@ class Denoising(Metric):
             grid = {name: torch.cat(rows) for name, rows in self.grid.items()}
             written.append(figures.denoising_grid(
                 grid['clean'], grid['noisy'], grid['blind'], grid['cond'], fig_dir / 'denoising_grid.png',
-                sigma_255=self.grid_sigma, titles=[f'class {int(c)}' for c in grid['labels']]))
+                sigma_255=self.grid_sigma, titles=[self._class_title(int(c)) for c in grid['labels']]))
         if self.denoises and self.keys:
             written.append(figures.psnr_vs_sigma(results, fig_dir / 'psnr_vs_sigma.png',
-                                                 train_sigma_max_255=self.training['sigma_max_255']))
+                                                 train_sigma_max_255=self.training['sigma_max_255'],
+                                                 title=self.label))
         return written
 
 
@@ -636,8 +672,9 @@ class Attacks(Metric):
     figure_order = 1
 
     def __init__(self, models: Dict[str, nn.Module], positions: Set[int], args: argparse.Namespace,
-                 ref_info: Optional[Dict[str, Any]]):
+                 ref_info: Optional[Dict[str, Any]], labels: Optional[Dict[str, str]] = None):
         self.models, self.positions, self.args, self.ref_info = models, positions, args, ref_info
+        self.labels = labels or {}
         self.pool: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def update(self, batch: Batch) -> None:
@@ -667,13 +704,15 @@ class Attacks(Metric):
             'epsilon_units': {'linf': '1/255', 'l2': 'L2 norm, [0, 1] pixels'},
             'robustbench': {'linf': '8', 'l2': '0.5'},
             'reference': {'name': args.reference_model, 'checkpoint': args.reference_checkpoint,
-                          'num_params': self.ref_info['num_params']} if self.ref_info else None,
+                          'num_params': self.ref_info['num_params'],
+                          'label': list(self.labels.values())[-1] if len(self.labels) > 1 else None}
+            if self.ref_info else None,
             'accuracy': acc,
         }}
 
     def figures(self, results: Dict[str, Any], fig_dir: Path) -> List[Path]:
         from . import figures
-        return [figures.robustness_curves(results['robustness'], fig_dir / 'robustness.png')]
+        return [figures.robustness_curves(results['robustness'], fig_dir / 'robustness.png', labels=self.labels)]
 
 
 class Certification(Metric):
@@ -684,8 +723,9 @@ class Certification(Metric):
     figure_order = 2
 
     def __init__(self, models: Dict[str, nn.Module], folders: Dict[str, Optional[str]], ds: Any,
-                 args: argparse.Namespace, device: torch.device):
+                 args: argparse.Namespace, device: torch.device, labels: Optional[Dict[str, str]] = None):
         self.models, self.folders, self.ds, self.args, self.device = models, folders, ds, args, device
+        self.labels = labels or {}
 
     def result(self) -> Dict[str, Any]:
         args = self.args
@@ -707,7 +747,8 @@ class Certification(Metric):
 
     def figures(self, results: Dict[str, Any], fig_dir: Path) -> List[Path]:
         from . import figures
-        return [figures.certified_accuracy_curves(results['certify'], fig_dir / 'certified_accuracy.png')]
+        return [figures.certified_accuracy_curves(results['certify'], fig_dir / 'certified_accuracy.png',
+                                                  labels=self.labels)]
 
 
 class JacobianSpectrum(Metric):
@@ -743,25 +784,58 @@ class JacobianSpectrum(Metric):
             e['bottom_vectors'], fig_dir / 'jacobian_eigenvectors.png', sigma_255=self.args.eigen_sigma)]
 
 
+def model_label(info: Dict[str, Any], override: Optional[str] = None) -> str:
+    """A short name for a model in figures: ``override`` (``--label``), else its architecture and, for
+    an export of train_joint.py, the task it was trained for, e.g. 'resnet18 (classification)'.
+
+    Args:
+        info: What ``load_model`` says about the model (``architecture``, ``config``, ``name``).
+        override: A label given on the command line.
+    """
+    if override:
+        return override
+    arch = str(info.get('architecture') or info.get('name') or 'model')
+    if arch.startswith(('local-dir:', 'hf-hub:')) or '/' in arch:
+        arch = Path(arch.split(':', 1)[-1].rstrip('/')).name or arch
+    config = info.get('config') or {}
+    task = (config.get('timm_joint') or {}).get('task') if isinstance(config, dict) else None
+    return f'{arch} ({task})' if task else arch
+
+
+def _model_names(args: argparse.Namespace, setup: _Setup) -> Dict[str, str]:
+    """{name in results.json: label in figures} of the model and the reference (``--label``,
+    ``--reference-label``; the reference's label gets ' (reference)' when the two would read alike)."""
+    names = {args.model: model_label(setup.info, args.label)}
+    if setup.reference is not None:
+        ref_name = args.reference_model if args.reference_model != args.model else f'{args.reference_model} (reference)'
+        ref_label = model_label(setup.ref_info, args.reference_label)
+        if ref_label == names[args.model]:
+            ref_label += ' (reference)'
+        names[ref_name] = ref_label
+    return names
+
+
 def build_metrics(args: argparse.Namespace, setup: _Setup) -> List[Metric]:
     """The metrics ``args`` asks for, in the order their results are written."""
     ds, model = setup.ds, setup.model
+    labels = _model_names(args, setup)
     models, folders = {args.model: model}, {args.model: setup.info.get('folder')}
     if setup.reference is not None:
-        ref_name = args.reference_model if args.reference_model != args.model else f'{args.reference_model} (reference)'
+        ref_name = list(labels)[1]
         models[ref_name], folders[ref_name] = setup.reference, setup.ref_info.get('folder')
     out: List[Metric] = [
         NoisyAccuracy(args.sigmas), Calibration(args.sigmas),
         Denoising(model, args.psnr_sigmas, has_labels=setup.has_labels,
                   grid_positions=set(_spread(len(ds), args.grid_images)),
-                  training=read_training_sigma_max(setup.info.get('folder'), args.train_sigma_max)),
+                  training=read_training_sigma_max(setup.info.get('folder'), args.train_sigma_max),
+                  class_names=setup.class_names, label=labels[args.model]),
     ]
     if setup.ood_ds is not None:
         out.append(OODDetection(model, setup.ood_ds, args, setup.device))
     if args.attack:
-        out.append(Attacks(models, set(_spread(len(ds), args.attack_images)), args, setup.ref_info))
+        out.append(Attacks(models, set(_spread(len(ds), args.attack_images)), args, setup.ref_info, labels=labels))
     if args.certify:
-        out.append(Certification(models, folders, ds, args, setup.device))
+        out.append(Certification(models, folders, ds, args, setup.device, labels=labels))
     if has_energy(model) and args.eigen_k > 0:
         out.append(JacobianSpectrum(model, ds, args, setup.device))
     return out
@@ -782,6 +856,9 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
 
     setup = _prepare(args)
     device, out_dir = setup.device, Path(args.out)
+    if device.type == 'cpu':
+        threads, why = set_cpu_threads(args.threads)
+        print(f'CPU threads: {threads} ({why})', file=sys.stderr)
     metric_list = build_metrics(args, setup)
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -799,11 +876,13 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     info = setup.info
     results: Dict[str, Any] = {
         'schema_version': SCHEMA_VERSION,
-        'model': {'name': args.model, 'checkpoint': args.checkpoint or info.get('folder') or info.get('source'),
+        'model': {'name': args.model, 'label': _model_names(args, setup)[args.model],
+                  'checkpoint': args.checkpoint or info.get('folder') or info.get('source'),
                   'num_params': info['num_params'],
                   'architecture': info.get('architecture'), 'denoiser': is_denoiser(setup.model)},
         'dataset': {'name': args.dataset, 'split': args.split, 'num_images': n_images, 'img_size': setup.img_size,
-                    'labels': setup.has_labels},
+                    'labels': setup.has_labels,
+                    **({'skipped_images': setup.skipped} if setup.skipped is not None else {})},
         'seed': args.seed,
         'units': {'sigma': '0-255', 'accuracy': '% top-1', 'ece': '%', 'psnr': 'dB', 'ssim': '[0, 1]',
                   'auroc': '[0, 1]'},
@@ -856,6 +935,11 @@ def render_markdown(results: Dict[str, Any]) -> str:
              f'- checkpoint: `{m.get("checkpoint")}`; parameters: {m["num_params"]:,}',
              f'- data: `{ds["name"] or "image folder"}` split `{ds["split"]}`, {ds["num_images"]} images at '
              f'{ds["img_size"]} px; noise seed {r.get("seed", "")}; noise levels in 0-255 units', '']
+    skipped = ds.get('skipped_images')
+    if skipped:
+        lines[-1:-1] = [f'- left out {len(skipped)} image{"s" if len(skipped) > 1 else ""} that cannot be read '
+                        f'(--skip-bad-images): '
+                        + ', '.join(f'`{s["path"]}`' for s in skipped[:5]) + (' ...' if len(skipped) > 5 else '')]
     training = r.get('training') or {}
     if training.get('sigma_max_255') is not None:
         lines += [f'- training noise range: sigma <= {training["sigma_max_255"]:g} (from {training.get("source")})', '']
@@ -947,7 +1031,7 @@ def _render_certify(c: Dict[str, Any]) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog='python -m timm_joint.evaluate',
+        prog=program_name('timm_joint.evaluate'),
         description='Evaluate a classification-denoising model (or any timm classifier): accuracy at noise '
                     'levels, PSNR/SSIM of blind and class-conditional denoising, calibration, OOD detection, '
                     'adversarial robustness, Jacobian eigenvectors. Noise levels in 0-255 units.')
@@ -965,6 +1049,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=int, default=128)
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--max-images', type=int, default=None, help='evaluate the first N images only')
+    p.add_argument('--skip-bad-images', action='store_true',
+                   help='decode every image of an image folder once first and leave out those that cannot be read '
+                        '(listed in results.json); without it such an image stops the evaluation')
     p.add_argument('--sigmas', type=float, nargs='*', default=[0, 15, 25, 50, 75, 100],
                    help='accuracy / ECE levels (0-255); no values: no accuracy (a dataset without labels)')
     p.add_argument('--psnr-sigmas', type=float, nargs='*', default=[15, 25, 50, 75, 100],
@@ -987,6 +1074,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--attack-steps', type=int, default=20)
     p.add_argument('--reference-model', default=None, help='a standard classifier attacked beside the model')
     p.add_argument('--reference-checkpoint', default=None)
+    p.add_argument('--label', default=None,
+                   help="the model's name in figures (default: its architecture and training task, e.g. "
+                        "'gradresnet_tiny_joint (joint)')")
+    p.add_argument('--reference-label', default=None, help="the reference model's name in figures")
     p.add_argument('--certify', action='store_true',
                    help='certified L2 robustness by randomized smoothing (Cohen et al. 2019); the slowest evaluation: '
                         'an estimate of its duration is printed first')
@@ -1009,6 +1100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--overwrite', action='store_true', help='replace an existing results.json')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--threads', type=int, default=None,
+                   help='CPU threads (default: OMP_NUM_THREADS, else the idle cores: threads on busy cores stall '
+                        'each other)')
     p.add_argument('--no-progress', dest='progress', action='store_false')
     return p
 
@@ -1040,7 +1134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         results = evaluate(args)
     except (ValueError, TypeError, FileExistsError) as e:
-        print(f'timm-joint-evaluate: error: {e}', file=sys.stderr)
+        print(error_line('timm_joint.evaluate', e), file=sys.stderr)
         sys.exit(2)
     print(render_markdown(results))
     print(f'wrote {Path(args.out) / "results.json"}, {Path(args.out) / "results.md"} and {len(results["figures"])} '

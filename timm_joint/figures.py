@@ -29,6 +29,23 @@ def _new_figure(width: float, height: float):
     return fig
 
 
+def _legend_outside(ax_or_fig, handles=None, labels=None, fontsize: int = 8) -> None:
+    """A legend to the right of the axes (or of the whole figure), never over the data; the figure is
+    saved with a tight bounding box, which takes it in."""
+    kwargs = dict(loc='upper left', fontsize=fontsize, frameon=False, borderaxespad=0.)
+    if handles is not None:
+        kwargs.update(handles=handles, labels=labels)
+    if hasattr(ax_or_fig, 'transAxes'):
+        ax_or_fig.legend(bbox_to_anchor=(1.02, 1.0), **kwargs)
+    else:  # a figure: beside its last panel
+        ax_or_fig.legend(bbox_to_anchor=(1.0, 0.9), bbox_transform=ax_or_fig.transFigure, **kwargs)
+
+
+def _label(name: str, labels: Optional[Dict[str, str]]) -> str:
+    """A model's short label (``--label``, or architecture and task), else its name."""
+    return (labels or {}).get(name) or name
+
+
 def _save(fig, path: PathLike) -> Path:
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format='png', bbox_inches='tight')
@@ -94,93 +111,120 @@ def _series(d: Dict[str, object]) -> List[tuple]:
     return sorted(pts)
 
 
+def _psnr_vs_sigma_figure(
+        results: Dict[str, object],
+        *,
+        train_sigma_max_255: Optional[float] = None,
+        title: Optional[str] = None,
+):
+    """The figure ``psnr_vs_sigma`` writes, not saved (its layout is tested)."""
+    fig = _new_figure(5.5, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    styles = {'blind': ('D(y) blind', '-o'), 'cond_true': ('D(y, c) true class', '--s'),
+              'cond_pred': ('D(y, c) predicted class', ':^')}
+    xs = []
+    for key, (label, style) in styles.items():
+        pts = _series(results.get('psnr', {}).get(key, {}))
+        if pts:
+            ax.plot(*zip(*pts), style, label=label, markersize=4)
+            xs += [x for x, _ in pts]
+    pts = _series(results.get('noisy_psnr', {}))
+    if pts:
+        ax.plot(*zip(*pts), '-', color='grey', label='noisy input y', linewidth=1)
+        xs += [x for x, _ in pts]
+    x_max = max(xs) if xs else 1.
+    x_end = x_max + 0.05 * max(x_max, 1.)
+    ax.set_xlim(0, x_end)
+    heading = 'PSNR against noise level' + (f': {title}' if title else '')
+    if train_sigma_max_255 is not None:
+        ax.axvspan(0, min(train_sigma_max_255, x_end), color='tab:green', alpha=0.12,
+                   label=f'training range (sigma <= {train_sigma_max_255:g})')
+        ax.set_title(heading, fontsize=10)
+    else:
+        ax.set_title(heading + ' (training range unknown)', fontsize=10)
+    ax.set_xlabel('sigma (0-255)')
+    ax.set_ylabel('PSNR (dB)')
+    ax.grid(alpha=0.3)
+    _legend_outside(ax)
+    return fig
+
+
 def psnr_vs_sigma(
         results: Dict[str, object],
         path: PathLike,
         *,
         train_sigma_max_255: Optional[float] = None,
+        title: Optional[str] = None,
 ) -> Path:
     """PSNR against sigma (0-255) for blind, class-conditional and noisy inputs; training range shaded.
+
+    The sigma axis spans the measured levels (from 0), not the training range: a range beyond the
+    data is shaded to the edge and its end given in the legend.
 
     Args:
         results: The results dictionary (``psnr``, ``noisy_psnr``).
         path: Output PNG.
         train_sigma_max_255: Largest training noise level, shaded [0, sigma_max]; None: nothing marked
             (the title says the range is unknown).
+        title: The model's label, shown in the title.
     """
-    fig = _new_figure(5.5, 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    styles = {'blind': ('D(y) blind', '-o'), 'cond_true': ('D(y, c) true class', '--s'),
-              'cond_pred': ('D(y, c) predicted class', ':^')}
-    for key, (label, style) in styles.items():
-        pts = _series(results.get('psnr', {}).get(key, {}))
-        if pts:
-            ax.plot(*zip(*pts), style, label=label, markersize=4)
-    pts = _series(results.get('noisy_psnr', {}))
-    if pts:
-        ax.plot(*zip(*pts), '-', color='grey', label='noisy input y', linewidth=1)
-    if train_sigma_max_255 is not None:
-        ax.axvspan(0, train_sigma_max_255, color='tab:green', alpha=0.12,
-                   label=f'training range (sigma <= {train_sigma_max_255:g})')
-        ax.set_title('PSNR against noise level', fontsize=10)
-    else:
-        ax.set_title('PSNR against noise level (training range unknown)', fontsize=10)
-    ax.set_xlabel('sigma (0-255)')
-    ax.set_ylabel('PSNR (dB)')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _save(_psnr_vs_sigma_figure(results, train_sigma_max_255=train_sigma_max_255, title=title), path)
 
 
-def robustness_curves(robustness: Dict[str, object], path: PathLike) -> Path:
-    """Robust accuracy against epsilon, one panel per attack, one line per (model, sigma).
-
-    Args:
-        robustness: The ``robustness`` entry of the results (``accuracy``: {model: {attack: {sigma:
-            {epsilon: %}}}}, ``epsilon_units``).
-        path: Output PNG.
-    """
+def _robustness_figure(robustness: Dict[str, object], *, labels: Optional[Dict[str, str]] = None):
+    """The figure ``robustness_curves`` writes, not saved (its layout is tested)."""
     acc = robustness['accuracy']
     attacks = sorted({a for per_model in acc.values() for a in per_model})
     units = robustness.get('epsilon_units', {})
-    fig = _new_figure(5.0 * len(attacks), 4.0)
+    fig = _new_figure(4.5 * len(attacks), 3.8)
     axes = fig.subplots(1, len(attacks), squeeze=False)[0]
     linestyles = ['-', '--', ':', '-.']
+    legend = {}
     for ax, a in zip(axes, attacks):
         for mi, (name, per_model) in enumerate(acc.items()):
             for si, (sigma, cells) in enumerate(sorted(per_model.get(a, {}).items(), key=lambda kv: float(kv[0]))):
                 pts = _series(cells)
-                ax.plot(*zip(*pts), linestyles[mi % len(linestyles)], marker='o', markersize=3,
-                        color=f'C{si}', label=f'{name}, sigma={sigma}')
+                line, = ax.plot(*zip(*pts), linestyles[mi % len(linestyles)], marker='o', markersize=3,
+                                color=f'C{si}')
+                legend.setdefault(f'{_label(name, labels)}, sigma={sigma}', line)
         rb = robustness.get('robustbench', {}).get(a)
         if rb is not None:
-            ax.axvline(float(rb), linestyle=':', color='grey', linewidth=1, label=f'RobustBench ({rb})')
+            legend.setdefault('RobustBench epsilon', ax.axvline(float(rb), linestyle=':', color='grey', linewidth=1))
         ax.set_title(f'{a.upper()} PGD', fontsize=10)
         ax.set_xlabel(f'epsilon ({units.get(a, "")})')
         ax.set_ylabel('robust top-1 (%)')
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _save(fig, path)
+    fig.tight_layout()
+    _legend_outside(fig, list(legend.values()), list(legend), fontsize=8)
+    return fig
 
 
-def certified_accuracy_curves(certify: Dict[str, object], path: PathLike) -> Path:
-    """Certified accuracy against L2 radius (Cohen et al.'s figure): one panel per sigma, one exact step
-    curve per (model, base classifier), and the largest radius n and alpha can certify at that sigma.
+def robustness_curves(robustness: Dict[str, object], path: PathLike, *,
+                      labels: Optional[Dict[str, str]] = None) -> Path:
+    """Robust accuracy against epsilon, one panel per attack, one line per (model, sigma), one legend
+    beside the panels.
 
     Args:
-        certify: The ``certify`` entry of the results (``models``: {name: {mode: {sigma: {'curve':
-            {'radius', 'accuracy'}}}}}, ``sigmas``, ``max_radius``, ``n``, ``alpha``).
+        robustness: The ``robustness`` entry of the results (``accuracy``: {model: {attack: {sigma:
+            {epsilon: %}}}}, ``epsilon_units``).
         path: Output PNG.
+        labels: {model name: short label} for the legend (default: the names).
     """
+    return _save(_robustness_figure(robustness, labels=labels), path)
+
+
+def _certified_accuracy_figure(certify: Dict[str, object], *, labels: Optional[Dict[str, str]] = None):
+    """The figure ``certified_accuracy_curves`` writes, not saved (its layout is tested)."""
     sigmas = list(certify['sigmas'])
     max_radius = certify.get('max_radius', {})
     outside = certify.get('outside_training') or {}
     names = {'own': 'own', 'denoised': 'denoised D(y)', 'denoised_cond': 'denoised D(y, c)'}
     linestyles = {'own': '-', 'denoised': '--', 'denoised_cond': '-.'}
     x_end = 1.05 * max([float(v) for v in max_radius.values()] + [0.25])
-    fig = _new_figure(4.5 * len(sigmas), 3.8)
+    fig = _new_figure(4.0 * len(sigmas), 3.6)
     axes = fig.subplots(1, len(sigmas), squeeze=False, sharey=True)[0]
+    legend = {}
     for ax, sigma in zip(axes, sigmas):
         for mi, (name, per_mode) in enumerate(certify['models'].items()):
             for mode, per_sigma in per_mode.items():
@@ -188,20 +232,38 @@ def certified_accuracy_curves(certify: Dict[str, object], path: PathLike) -> Pat
                 # Exact step function: accuracy[j] on (radius[j-1], radius[j]], then 0.
                 xs = list(curve['radius']) + [x_end]
                 ys = list(curve['accuracy']) + [0.]
-                extrapolated = ' (sigma outside its training noise)' if sigma in (outside.get(name) or []) else ''
-                ax.step(xs, ys, where='pre', linestyle=linestyles.get(mode, ':'), color=f'C{mi}',
-                        label=f'{name}, {names.get(mode, mode)}{extrapolated}')
+                line, = ax.step(xs, ys, where='pre', linestyle=linestyles.get(mode, ':'), color=f'C{mi}')
+                legend.setdefault(f'{_label(name, labels)}, {names.get(mode, mode)}', line)
+                if sigma in (outside.get(name) or []):  # said in the panel: it differs between panels
+                    ax.text(0.98, 0.97 - 0.07 * mi, f'{_label(name, labels)}: sigma outside its training noise',
+                            transform=ax.transAxes, ha='right', va='top', fontsize=6, color=f'C{mi}')
         if sigma in max_radius:
-            ax.axvline(float(max_radius[sigma]), linestyle=':', color='grey', linewidth=1,
-                       label=f'max radius (n={certify.get("n")}, alpha={certify.get("alpha")})')
+            legend.setdefault(f'max radius (n={certify.get("n")}, alpha={certify.get("alpha")})',
+                              ax.axvline(float(max_radius[sigma]), linestyle=':', color='grey', linewidth=1))
         ax.set_title(f'sigma = {sigma}/255', fontsize=9)
-        ax.legend(fontsize=6)
         ax.set_xlabel('L2 radius ([0, 1] pixels)')
         ax.set_xlim(0, x_end)
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel('certified top-1 (%)')
-    return _save(fig, path)
+    fig.tight_layout()
+    _legend_outside(fig, list(legend.values()), list(legend), fontsize=7)
+    return fig
+
+
+def certified_accuracy_curves(certify: Dict[str, object], path: PathLike, *,
+                              labels: Optional[Dict[str, str]] = None) -> Path:
+    """Certified accuracy against L2 radius (Cohen et al.'s figure): one panel per sigma, one exact step
+    curve per (model, base classifier), and the largest radius n and alpha can certify at that sigma;
+    one legend beside the panels.
+
+    Args:
+        certify: The ``certify`` entry of the results (``models``: {name: {mode: {sigma: {'curve':
+            {'radius', 'accuracy'}}}}}, ``sigmas``, ``max_radius``, ``n``, ``alpha``).
+        path: Output PNG.
+        labels: {model name: short label} for the legend (default: the names).
+    """
+    return _save(_certified_accuracy_figure(certify, labels=labels), path)
 
 
 def reliability_diagram(bins: Dict[str, List[float]], path: PathLike, *, title: str = '') -> Path:
@@ -224,7 +286,7 @@ def reliability_diagram(bins: Dict[str, List[float]], path: PathLike, *, title: 
     ax.set_ylabel('accuracy')
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, loc='upper left')
+    _legend_outside(ax)
     ax.set_title(title, fontsize=10)
     ax_n.bar(edges[:-1], count, width=width, align='edge', edgecolor='black', color='tab:grey')
     ax_n.set_xlabel('confidence (max softmax)')

@@ -33,6 +33,7 @@ import yaml
 from huggingface_hub import HfApi
 
 from . import results as results_schema
+from .cli import check_out_dir, error_line, program_name
 from .io import (
     REPO_ID, SAFE_WEIGHTS, atomic_dir, check_fits, create_from_config, read_config, read_state_dict, write_state_dict,
 )
@@ -146,6 +147,9 @@ def load_export(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[s
         (state_dict, config): the tensors and the parsed ``config.json``.
     """
     folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f'checkpoint {str(folder)!r} is a file: expected an export folder (config.json and '
+                         f'model.safetensors, e.g. runs/NAME/export/best)')
     if not folder.is_dir():
         raise FileNotFoundError(f'checkpoint folder {folder} does not exist (expected e.g. runs/NAME/export/best)')
     config = read_config(folder)
@@ -495,8 +499,7 @@ def publish(
     """
     checkpoint, out = Path(checkpoint), Path(out)
     res = validate_results(results) if isinstance(results, dict) else load_results(results)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f'--out {out} exists and is not a folder')
+    check_out_dir(out, '--out')
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f'--out {out} exists and is not empty: pass --overwrite to replace it')
     src, dst = checkpoint.resolve(), out.resolve()
@@ -605,7 +608,7 @@ def push_to_hub(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog='timm-joint-hub', description='Publish timm-joint models to the Hugging Face Hub.')
+        prog=program_name('timm_joint.hub'), description='Publish timm-joint models to the Hugging Face Hub.')
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser(
         'publish', help='write a Hub-ready folder (weights, config, model card) and optionally push it',
@@ -642,7 +645,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           overwrite=args.overwrite, template=args.template)
             print(f'wrote {out}: ' + ', '.join(sorted(p.name for p in out.iterdir())))
         except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-            print(f'error: {e}', file=sys.stderr)
+            print(error_line('timm_joint.hub', e), file=sys.stderr)
             return 2
         if args.push:
             try:
@@ -650,7 +653,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             dry_run=args.dry_run)
             except Exception as e:  # noqa: BLE001  (the network boundary: HTTP, DNS, offline, auth...)
                 # The folder is written; say what failed, without a traceback. These messages hold no token.
-                print(f'error: upload of {out} to {args.repo_id} failed ({type(e).__name__}): {e}', file=sys.stderr)
+                print(error_line('timm_joint.hub', f'upload of {out} to {args.repo_id} failed ({type(e).__name__}): {e}'),
+                      file=sys.stderr)
                 return 1
     return 0
 

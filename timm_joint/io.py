@@ -33,6 +33,7 @@ __all__ = [
     'atomic_file', 'atomic_write', 'atomic_dir', 'atomic_replace_dir',
     'weights_format', 'find_weights', 'read_state_dict', 'write_state_dict', 'check_fits',
     'read_config', 'create_from_config', 'load_model', 'is_download_error',
+    'PretrainedUnavailableError', 'check_hub_weights',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -46,8 +47,9 @@ WEIGHT_FILES = (SAFE_WEIGHTS,) + TORCH_WEIGHTS
 # A Hugging Face Hub repository id, ORG/NAME.
 REPO_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$')
 
-# Modules whose exceptions mean "the weights could not be fetched": huggingface_hub and its HTTP clients.
-_DOWNLOAD_MODULES = ('huggingface_hub', 'requests', 'httpx', 'urllib3', 'httpcore')
+# Modules whose exceptions mean "the weights could not be fetched": huggingface_hub and its HTTP clients
+# (huggingface_hub 2 vendors httpx as httpx2).
+_DOWNLOAD_MODULES = ('huggingface_hub', 'requests', 'httpx', 'urllib3', 'httpcore', 'httpx2', 'httpcore2')
 
 
 # -- atomic writes -----------------------------------------------------------------------------------
@@ -127,6 +129,8 @@ def atomic_dir(final_dir: PathLike) -> Iterator[Path]:
         ...     (tmp / 'config.json').write_text('{}')
     """
     final_dir = Path(final_dir)
+    if final_dir.exists() and not final_dir.is_dir():  # never replace a file with a folder
+        raise ValueError(f'{str(final_dir)!r} is a file: expected a folder to write into')
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{final_dir.name}.tmp-', dir=final_dir.parent))
     try:
@@ -345,6 +349,111 @@ def is_download_error(e: BaseException) -> bool:
             or (isinstance(e, RuntimeError) and 'pretrained weights' in str(e)))
 
 
+class PretrainedUnavailableError(RuntimeError):
+    """Pretrained weights that are not published or cannot be fetched, with what to do instead.
+
+    A RuntimeError, as timm's own loaders raise for weights they cannot get; the message is complete
+    on its own (nothing is chained to it).
+    """
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+    is_offline = getattr(constants, 'is_offline_mode', None)  # huggingface_hub >= 1.0 reads it when asked
+    return bool(is_offline() if callable(is_offline) else constants.HF_HUB_OFFLINE)
+
+
+def check_hub_weights(
+        hub_id: str,
+        *,
+        model: str,
+        hint: str,
+        filenames: Tuple[str, ...] = (SAFE_WEIGHTS, 'pytorch_model.bin'),
+        timeout: float = 10.,
+) -> Optional[str]:
+    """Ask the Hugging Face Hub once, without retries, whether a repo holds weights, before timm's
+    download does.
+
+    timm's loader asks for each weights file in turn and huggingface_hub retries a failed request
+    five times with back-off: an unpublished repo or an unreachable Hub took a minute of retry
+    lines before its error. One HEAD request per file here (the first found ends it) answers in
+    seconds.
+
+    Args:
+        hub_id: ``ORG/NAME`` or ``ORG/NAME@REVISION``, as a pretrained cfg's ``hf_hub_id``.
+        model: The model name the message names (e.g. ``gradresnet18_joint.cifar10``).
+        hint: A sentence that says what to do instead, ending the messages.
+        filenames: The weights files timm looks for, in its order.
+        timeout: Seconds to wait for the Hub's answer.
+
+    Returns:
+        None when the Hub has the weights (timm downloads them, or checks its cached copy is
+        current), or the path of a cached copy to load when the Hub cannot be reached.
+
+    Raises:
+        PretrainedUnavailableError: the repo or its weights are not on the Hub, the repo is gated,
+            or the Hub is unreachable (or ``HF_HUB_OFFLINE`` is set) and the weights are not cached.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.utils import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo_id, _, revision = hub_id.partition('@')
+    revision = revision or None
+    cached = None
+    for name in filenames:
+        found = try_to_load_from_cache(repo_id, name, revision=revision)
+        if isinstance(found, str):
+            cached = found
+            break
+    if _hub_offline():
+        if cached is not None:
+            return None  # timm reads the cache without asking the Hub
+        raise PretrainedUnavailableError(
+            f'pretrained weights for {model!r} are not in the local Hugging Face cache and HF_HUB_OFFLINE is '
+            f'set (repo {repo_id!r}): unset HF_HUB_OFFLINE to download them. {hint}')
+    import inspect
+    no_retry = ({'retry_on_errors': False}
+                if 'retry_on_errors' in inspect.signature(get_hf_file_metadata).parameters else {})
+    for name in filenames:
+        url = hf_hub_url(repo_id, name, revision=revision)
+        try:
+            get_hf_file_metadata(url, timeout=timeout, **no_retry)
+            return None
+        except GatedRepoError:
+            if cached is not None:
+                return None
+            raise PretrainedUnavailableError(
+                f'the Hugging Face Hub repo {repo_id!r} of {model!r} is gated: accept its conditions on the Hub '
+                f'and log in (hf auth login, or HF_TOKEN). {hint}') from None
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            raise PretrainedUnavailableError(
+                f'pretrained weights for {model!r} are not published: the Hugging Face Hub has no repo '
+                f'{hub_id!r}. {hint}') from None
+        except EntryNotFoundError:
+            continue
+        except Exception as e:  # noqa: BLE001  (the network boundary: DNS, refused, timeout, HTTP 5xx)
+            if not is_download_error(e):
+                raise
+            status = getattr(getattr(e, 'response', None), 'status_code', None)
+            if status in (401, 404):  # the Hub answers 401 to an anonymous client for a repo that does not exist
+                raise PretrainedUnavailableError(
+                    f'pretrained weights for {model!r} are not published: the Hugging Face Hub answered {status} for '
+                    f'repo {hub_id!r}. {hint}') from None
+            if cached is not None:
+                import logging
+                logging.getLogger(__name__).warning(
+                    f'the Hugging Face Hub is unreachable ({type(e).__name__}): loading the cached weights of {model!r}')
+                return cached
+            first_line = (str(e).strip().splitlines() or [''])[0]
+            raise PretrainedUnavailableError(
+                f'could not reach the Hugging Face Hub for the pretrained weights of {model!r} (repo {repo_id!r}: '
+                f'{type(e).__name__}: {first_line}) and they are not in the local cache: connect and retry. '
+                f'{hint}') from None
+    raise PretrainedUnavailableError(
+        f'pretrained weights for {model!r} are not published: the Hugging Face Hub repo {hub_id!r} holds none of '
+        f'{", ".join(filenames)}. {hint}')
+
+
 def _base_arch(name: str) -> str:
     return name.split('.')[0]
 
@@ -394,6 +503,8 @@ def _create_pretrained(name: str, model_name: str, num_classes: Optional[int]) -
     import timm
     try:
         return timm.create_model(name, pretrained=True, **({'num_classes': num_classes} if num_classes else {}))
+    except PretrainedUnavailableError as e:
+        raise ValueError(str(e)) from None  # complete as it is: it says what to pass instead
     except Exception as e:
         if is_download_error(e):
             raise ValueError(

@@ -55,6 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import metrics
+from .cli import check_out_dir, error_line, program_name
 from .prior import DeepinvAdapter, GradientStepPrior, has_potential, is_blind
 from .robustness import level_key
 
@@ -287,6 +288,7 @@ def restore(args: argparse.Namespace) -> Dict[str, Any]:
     from . import figures
 
     _check_args(args)
+    check_out_dir(args.out, '--out')
     out_dir = Path(args.out)
     results_path = out_dir / 'results.json'
     if results_path.exists() and not args.overwrite:
@@ -495,7 +497,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog='python -m timm_joint.restore',
+        prog=program_name('timm_joint.restore'),
         description='Plug-and-play restoration (deblurring, 4x super-resolution, inpainting) with deepinv, '
                     'every model given as the prior. Noise levels in 0-255 units.')
     p.add_argument('--models', nargs='+', required=True,
@@ -541,7 +543,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         results = restore(args)
     except (ValueError, TypeError, FileExistsError) as e:
-        print(f'timm-joint-restore: error: {e}', file=sys.stderr)
+        print(error_line('timm_joint.restore', e), file=sys.stderr)
         sys.exit(2)
     print(render_markdown(results))
     print(f'wrote {Path(args.out) / "results.json"}, {Path(args.out) / "results.md"} and '

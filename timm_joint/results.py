@@ -7,8 +7,10 @@ through ``validate_results``, so a key means the same thing, with the same check
 Schema version 1::
 
     schema_version  1
-    model           {name: str, checkpoint: str or null, num_params: int >= 0, architecture, denoiser}
-    dataset         {name: str ('' for an image folder), split: str, num_images: int > 0, img_size: int > 0}
+    model           {name: str, checkpoint: str or null, num_params: int >= 0, architecture, denoiser,
+                     label: its name in figures (--label, or architecture and training task)}
+    dataset         {name: str ('' for an image folder), split: str, num_images: int > 0, img_size: int > 0,
+                     skipped_images: optional [{path, error}], the files --skip-bad-images left out}
     accuracy        {sigma: top-1 %}                        sigma: a 0-255 level as a string, e.g. "25"
     ece             {sigma: %}
     noisy_psnr      {sigma > 0: dB or "n/a"}
@@ -277,10 +279,14 @@ def load_results(path: Union[str, Path], **kwargs) -> Dict[str, Any]:
         ValueError: not JSON, or not valid results.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f'results file {str(path)!r} is a folder: expected the results.json that python -m '
+                         f'timm_joint.evaluate wrote (e.g. {path / "results.json"})')
     if not path.is_file():
         raise FileNotFoundError(f'results file {path} does not exist (write it with python -m timm_joint.evaluate)')
     try:
         results = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f'{path} is not valid JSON: {e}') from e
+        raise ValueError(f'results file {str(path)!r} is not valid JSON ({e}): expected the results.json that '
+                         f'python -m timm_joint.evaluate wrote') from None
     return validate_results(results, **kwargs)

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from . import textures
+from .cli import check_out_dir, error_line, program_name
 from .prior import DeepinvAdapter, has_classifier
 
 __all__ = [
@@ -494,6 +495,7 @@ def sample_command(args: argparse.Namespace) -> Dict[str, Any]:
 
     from .evaluate import read_training_sigma_max
 
+    check_out_dir(args.out, '--out')
     out_dir = Path(args.out)
     results_path = out_dir / 'results.json'
     if results_path.exists() and not args.overwrite:
@@ -631,7 +633,7 @@ def render_markdown(results: Dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog='python -m timm_joint.sample',
+        prog=program_name('timm_joint.sample'),
         description='Unconditional and class-conditional samples from a joint model: the Kadkhodaie-Simoncelli '
                     'ascent with its blind / class-conditional denoiser, and deepinv\'s diffusion sampler. '
                     'Noise levels in 0-255 units.')
@@ -684,7 +686,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         results = sample_command(args)
     except (ValueError, TypeError, FileExistsError) as e:
-        print(f'timm-joint-sample: error: {e}', file=sys.stderr)
+        print(error_line('timm_joint.sample', e), file=sys.stderr)
         sys.exit(2)
     print(render_markdown(results))
     out = Path(args.out)

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .cli import check_out_dir, error_line, program_name
 from .results import NA, load_results
 
 __all__ = ['PRESETS', 'PRESET_EVAL_ARGS', 'run_sweep', 'render_table']
@@ -347,7 +348,8 @@ def render_table(records: Sequence[Dict], columns: Sequence[str] = COLUMNS) -> s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description='Equal-budget comparisons with timm_joint.train')
+    parser = argparse.ArgumentParser(prog=program_name('timm_joint.sweep'),
+                                     description='Equal-budget comparisons with timm_joint.train')
     parser.add_argument('--preset', default='tasks', choices=sorted(PRESETS))
     parser.add_argument('--dataset', default='quickstart', choices=sorted(DATASETS))
     parser.add_argument('-c', '--config', default='configs/quickstart.yaml')
@@ -370,6 +372,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if any(a == '--seed' or a.startswith('--seed=') for a in args.extra):
         parser.error('give seeds with --seeds, not --seed after --: every run of a variant would share it')
     out = Path(args.output) / (args.name or f'{args.preset}-{args.dataset}-{args.steps}')
+    try:
+        check_out_dir(args.output, '--output')
+        check_out_dir(out, '--name')
+    except ValueError as e:
+        print(error_line('timm_joint.sweep', e), file=sys.stderr)
+        sys.exit(2)
     out.mkdir(parents=True, exist_ok=True)
     if args.preset in PRESET_EVAL_ARGS and not args.evaluate:
         parser.error(f'--preset {args.preset} is measured by python -m timm_joint.evaluate: add --evaluate')

@@ -3,8 +3,15 @@
 
     timm-joint-train -c configs/quickstart.yaml           # or: python -m timm_joint.train ...
     python train_joint.py -c configs/quickstart.yaml      # the same, from a source checkout
-    accelerate launch train_joint.py -c configs/cifar10_joint.yaml --data-dir /data/cifar10
+    accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+        train_joint.py -c configs/cifar10_joint.yaml --data-dir /data/cifar10
     torchrun --nproc_per_node 2 train_joint.py ...        # several CPU processes (gloo)
+
+``accelerate launch`` without those four flags (or an ``accelerate config``) first prints a warning that it
+used defaults, before this script starts. The console shows the progress bars, one line per validation
+and the final summary; everything, Accelerate's line for each checkpoint file included, also goes to
+OUTPUT/EXPERIMENT/log.txt. On the CPU a run uses the idle cores' worth of threads (``--threads``,
+``OMP_NUM_THREADS``), and says so in one line.
 
 Two loaders over the same training set are stepped in lockstep: the classification loader (padded or
 random-resized crops, flips, MixUp/CutMix, noise with sigma = sigma_max_cls * u^2) and the denoising
@@ -50,18 +57,19 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from timm_joint import training
+from timm_joint.cli import check_out_dir, error_line, program_name, set_cpu_threads
 from timm_joint.data import (
-    check_data_dir, create_eval_dataset, create_joint_datasets, is_streamed)
+    check_data_dir, create_eval_dataset, create_joint_datasets, is_streamed, skip_bad_images)
 from timm_joint.hub import save_pretrained
-from timm_joint.io import atomic_write, check_fits, read_state_dict
+from timm_joint.io import PretrainedUnavailableError, atomic_write, check_fits, read_state_dict
 from timm_joint.joint import JointDensityWrapper
 from timm_joint.losses import JointLoss, JointObjective, linear_ramp
 from timm_joint.noise import add_noise, from_255
 from timm_joint.protocol import is_denoiser
 from timm_joint.resources import find_config, packaged_configs
 from timm_joint.training import (
-    CheckpointManager, DenoisingLoader, DenoisingStage, DeviceLoader, NonFiniteLossError, TrainState,
-    finite_or_raise, parse_den_schedule, read_checkpoint_meta, skip_batches)
+    LOG_FILE, CheckpointManager, DenoisingLoader, DenoisingStage, DeviceLoader, NonFiniteLossError, RunLog,
+    TrainState, finite_or_raise, parse_den_schedule, read_checkpoint_meta, skip_batches)
 
 __all__ = ['main', 'cli', 'train_one_epoch', 'validate', 'build_model', 'create_loss_fn', 'check_args',
            'create_datasets', 'create_loader', 'create_optimizer_and_scheduler', 'create_accelerator',
@@ -210,6 +218,12 @@ group.add_argument('--eval-metric', default=None, type=str, metavar='EVAL_METRIC
                    help='best-checkpoint metric (default: top1_s0, or psnr_s25 for --task denoising)')
 group.add_argument('--log-with', default=None, choices=(None, 'tensorboard'), help='Accelerate tracker')
 group.add_argument('--no-progress', action='store_true', default=False, help='no progress bars')
+group.add_argument('--threads', type=int, default=None, metavar='N',
+                   help='CPU threads per process (default: OMP_NUM_THREADS, else the idle cores: threads on busy '
+                        'cores stall each other)')
+group.add_argument('--skip-bad-images', action='store_true', default=False,
+                   help='decode every image of an image folder once before training and leave out those that '
+                        'cannot be read (counted in the log and summary.csv); without it such an image stops the run')
 
 
 def _parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, str]:
@@ -284,6 +298,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.batch_size <= 0 or args.grad_accum_steps <= 0:
         raise ValueError('--batch-size and --grad-accum-steps must be positive')
     args.model_kwargs_dict = _parse_model_kwargs(args.model_kwargs)
+    check_out_dir(args.output, '--output')
+    if args.experiment:
+        check_out_dir(Path(args.output) / args.experiment, '--experiment')
     check_data_dir(args.dataset, args.data_dir, args.dataset_download)
 
 
@@ -306,6 +323,8 @@ def build_model(args: argparse.Namespace) -> Tuple[nn.Module, Dict[str, Any]]:
         model = timm.create_model(args.model, pretrained=args.pretrained, **build_args)
     except TypeError as e:
         raise ValueError(f'model {args.model!r} does not accept these arguments ({e}); check --model-kwargs') from e
+    except PretrainedUnavailableError as e:
+        raise ValueError(f'--pretrained: {e}') from None
     if args.initial_checkpoint:
         _load_initial_checkpoint(model, args.initial_checkpoint)
     if args.task != 'classification' and not is_denoiser(model):
@@ -488,6 +507,18 @@ def _max_target(ds) -> Optional[int]:
     return None
 
 
+def _log_skipped(split: str, checked: int, bad: Sequence[Tuple[str, str]]) -> None:
+    """--skip-bad-images: one line on the console (and in log.txt), every file left out in log.txt."""
+    name = {'train': 'training', 'val': 'validation'}[split]
+    if not bad:
+        _logger.info(f'--skip-bad-images: all {checked} {name} images can be read')
+        return
+    _logger.warning(f'--skip-bad-images: left out {len(bad)} of {checked} {name} images that cannot be read, '
+                    f'e.g. {bad[0][0]} ({bad[0][1]}); each is listed in log.txt')
+    for path, why in bad:
+        _logger.info(f'left out {path}: {why}', extra={'file_only': True})
+
+
 def _write_args(args: argparse.Namespace, output_dir: Path, argv: Optional[Sequence[str]]) -> None:
     """runs/NAME/args.yaml: the arguments and the command line (kept from the first run of an experiment)."""
     args_file = output_dir / 'args.yaml'
@@ -500,10 +531,8 @@ def _write_args(args: argparse.Namespace, output_dir: Path, argv: Optional[Seque
 
 
 def _program_name() -> str:
-    """How this run was started, as a user would type it again."""
-    if Path(sys.argv[0]).resolve() == Path(__file__).resolve():
-        return 'python -m timm_joint.train'
-    return Path(sys.argv[0]).name
+    """How this run was started, as a user would type it again (``timm_joint.cli.program_name``)."""
+    return program_name('timm_joint.train')
 
 
 def export_model(
@@ -709,11 +738,23 @@ def validate(
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     """Train as the command line (and its YAML config) says; returns the experiment folder.
 
+    The console shows the progress bars, this package's lines (the model, each validation, the summary)
+    and warnings; everything, Accelerate's checkpoint lines included, also goes to OUTPUT/EXPERIMENT/log.txt
+    (``training.RunLog``).
+
     Raises:
         ValueError: bad options, data or a checkpoint that does not fit, before any work or write.
         SystemExit: (status 2) the loss became non-finite; the last good checkpoint and exports are kept.
     """
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    run_log = RunLog()
+    try:
+        return _train(argv, run_log)
+    finally:
+        run_log.close()
+
+
+def _train(argv: Optional[Sequence[str]], run_log: RunLog) -> Path:
+    """``main``'s body, with its log set up."""
     args, _ = _parse_args(argv)
     check_args(args)
     use_cls, use_den = _tasks(args)
@@ -728,6 +769,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     accelerator = create_accelerator(args, output_dir)
     set_seed(args.seed)
     is_main = accelerator.is_main_process
+    if not is_main:
+        run_log.quiet()
+    cpu_threads = set_cpu_threads(args.threads) if accelerator.device.type == 'cpu' else None
     streamed = is_streamed(args.dataset)
     # A stream's order depends on how many readers split it (ranks x loader workers): a mid-epoch resume
     # with another number would skip the wrong batches.
@@ -748,11 +792,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         n_params = sum(p.numel() for p in model.parameters())
         _logger.info(f'Model {args.model} ({type(model).__name__}) created, {n_params / 1e6:.3f}M parameters, '
                      f'task {args.task}, {accelerator.num_processes} process(es) on {accelerator.device}')
+        if cpu_threads is not None:
+            _logger.info(f'CPU threads: {cpu_threads[0]} per process ({cpu_threads[1]})')
 
     den_stages = parse_den_schedule(args.den_schedule, args.den_patch_size or img_size,
                                     args.den_batch_size or args.batch_size)
     num_classes = getattr(model, 'num_classes', None)
     ds_cls, ds_den, ds_eval = create_datasets(args, img_size, crop_pct, den_stages[0], num_classes)
+    skipped: Dict[str, int] = {}
+    if args.skip_bad_images:  # the denoising view shares the training view's file list
+        for split, ds in (('train', ds_cls), ('val', ds_eval)):
+            checked, bad = skip_bad_images(ds, workers=max(1, args.workers))
+            skipped[split] = len(bad)
+            if is_main:
+                _log_skipped(split, checked, bad)
 
     make_loader = functools.partial(create_loader, accelerator=accelerator, workers=args.workers, streamed=streamed)
     loader_cls = make_loader(ds_cls, args.batch_size, shuffle=True, drop_last=True) if use_cls else None
@@ -795,8 +848,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         if is_main:
             _logger.info(f'Resumed from {resume_path} at epoch {state.epoch}, batch {state.step_in_epoch}, '
                          f'update {state.num_updates}')
+    log_path = output_dir / LOG_FILE
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
+        run_log.open(output_dir)
         _write_args(args, output_dir, argv)
     if args.log_with:
         accelerator.init_trackers(exp_name)
@@ -844,6 +899,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             last = stop or state.epoch >= num_epochs
             if last or (epoch_done and state.epoch % args.eval_interval == 0):
                 eval_metrics = validate(model, loader_eval, accelerator, args, model_ema=model_ema)
+                eval_metrics.update({f'skipped_{split}_images': n for split, n in skipped.items()})
                 if is_main:
                     _logger.info(f'epoch {epoch} update {state.num_updates}: ' +
                                  ' '.join(f'{k} {v:.4g}' for k, v in eval_metrics.items()))
@@ -859,7 +915,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         if is_main:
             if state.best_metric is not None:
                 _logger.info(f'*** Best {eval_metric}: {state.best_metric:.4g} (epoch {state.best_epoch})')
-            _logger.info(f'Outputs in {output_dir}')
+            _logger.info(f'Outputs in {output_dir} (log: {log_path})')
     except NonFiniteLossError as e:
         if is_main:
             _logger.error(str(e))
@@ -880,7 +936,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     try:
         main(argv)
     except ValueError as e:
-        print(f'{_program_name()}: error: {e}', file=sys.stderr)
+        print(error_line('timm_joint.train', e), file=sys.stderr)
         return 2
     return 0
 

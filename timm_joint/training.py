@@ -4,8 +4,11 @@ streamed datasets.
 """
 import itertools
 import json
+import logging
+import logging.handlers
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -21,10 +24,93 @@ from .protocol import denoise_blind
 __all__ = [
     'TrainState', 'CheckpointManager', 'DenoisingStage', 'parse_den_schedule', 'stage_for_epoch',
     'noisy_batch', 'validate', 'NonFiniteLossError', 'DeviceLoader', 'skip_batches', 'cycle_loader',
-    'DenoisingLoader',
+    'DenoisingLoader', 'RunLog', 'LOG_FILE',
 ]
 
 STATE_FILE = 'train_state.json'
+LOG_FILE = 'log.txt'
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes through tqdm, so that a line printed while a progress bar is shown does not break it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001  (logging must never raise)
+            self.handleError(record)
+
+
+class RunLog:
+    """Where a run's lines go.
+
+    The console shows this package's own lines (the model, each validation, the final summary) and
+    every library's warnings, beside the progress bars; the run folder's ``log.txt`` gets all of
+    them, with times, and what libraries say at INFO, such as Accelerate's line for every file of
+    every checkpoint (and lines logged with ``extra={'file_only': True}``). Lines logged before the run folder exists (it is made only once every check
+    has passed, so that a refused run writes nothing) are held, and written when ``open`` is called.
+
+    Args:
+        own: Loggers whose INFO lines reach the console (their names' prefix).
+        stream: The console (default: stderr, where tqdm draws).
+    """
+
+    FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
+
+    def __init__(self, own: str = 'timm_joint', stream=None):
+        self.own = own
+        self.root = logging.getLogger()
+        self._saved_level = self.root.level
+        self.console = _ConsoleHandler(stream if stream is not None else sys.stderr)
+        self.console.setFormatter(logging.Formatter('%(message)s'))
+        self.console.addFilter(self._for_console)
+        self.console_level = logging.INFO
+        # Held until the run folder exists; never flushed before a target is set.
+        self.held = logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1,
+                                                   flushOnClose=False)
+        self.held.setLevel(logging.INFO)
+        self.file: Optional[logging.Handler] = None
+        self.path: Optional[Path] = None
+        self.root.setLevel(logging.INFO)
+        self.root.addHandler(self.console)
+        self.root.addHandler(self.held)
+
+    def _for_console(self, record: logging.LogRecord) -> bool:
+        if getattr(record, 'file_only', False):  # logged with extra={'file_only': True}: details for log.txt
+            return False
+        if record.levelno >= logging.WARNING:
+            return True
+        own = record.name == self.own or record.name.startswith(self.own + '.')
+        return own and record.levelno >= self.console_level
+
+    def quiet(self) -> None:
+        """Another process than the main one: warnings and errors on the console, and no log file."""
+        self.console_level = logging.WARNING
+        self.root.removeHandler(self.held)
+        self.held.buffer.clear()
+
+    def open(self, folder: Path) -> Path:
+        """Append to ``folder/log.txt`` from now on, the held lines first; returns its path."""
+        self.path = Path(folder) / LOG_FILE
+        self.file = logging.FileHandler(self.path, mode='a', encoding='utf-8')
+        self.file.setLevel(logging.INFO)
+        self.file.setFormatter(logging.Formatter(self.FORMAT))
+        self.held.setTarget(self.file)
+        self.held.flush()
+        self.root.removeHandler(self.held)
+        self.root.addHandler(self.file)
+        return self.path
+
+    def close(self) -> None:
+        """Detach every handler this added and restore the root logger's level."""
+        for handler in (self.console, self.held, self.file):
+            if handler is not None:
+                self.root.removeHandler(handler)
+        if self.file is not None:
+            self.file.close()
+        self.held.buffer.clear()
+        self.root.setLevel(self._saved_level)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -100,8 +186,11 @@ class CheckpointManager:
 def read_checkpoint_meta(path: os.PathLike) -> Dict:
     """Read and check a state folder's metadata; ValueError if it is not a complete checkpoint."""
     path = Path(path)
+    expected = 'a checkpoint folder runs/NAME/checkpoints/step_XXXXXXXX written by timm_joint.train, or "auto"'
+    if path.exists() and not path.is_dir():
+        raise ValueError(f'--resume {str(path)!r} is a file: expected {expected}')
     if not path.is_dir():
-        raise ValueError(f'--resume {str(path)!r}: no such checkpoint folder')
+        raise ValueError(f'--resume {str(path)!r} does not exist: expected {expected}')
     state = path / STATE_FILE
     if not state.is_file():
         raise ValueError(

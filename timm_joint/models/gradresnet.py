@@ -42,7 +42,7 @@ from timm.layers import DropPath, SelectAdaptivePool2d, get_act_layer
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..io import is_download_error
+from ..io import PretrainedUnavailableError, check_hub_weights, is_download_error
 from ..joint import EnergyHead, JointDensityMixin
 
 __all__ = ['GradResNet', 'BasicBlock', 'ScaleGroupNorm', 'GroupNormScale', 'ScaledAct', 'ChannelCentring', 'HF_HUB_ORG', 'LEGACY_ARGS',
@@ -633,11 +633,43 @@ def upgrade_model_args(model_args: Dict[str, Any], architecture: str = 'gradresn
     return args
 
 
+# What to do when the registry's weights cannot be had; ends every such message.
+_PRETRAINED_HINT = ("Load a folder this project wrote with timm.create_model('local-dir:PATH', pretrained=True), "
+                    'or train one with train_joint.py (README: Pretrained weights).')
+
+
+def _check_pretrained(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Fail in seconds, with one message, when the registry's weights of ``variant`` are not on the Hub.
+
+    Weights timm would take from the Hugging Face Hub are asked for once, without retries
+    (``io.check_hub_weights``), before timm's own download (which retries each file five times). When
+    the Hub cannot be reached but the weights are cached, timm is pointed at the cached file.
+
+    Returns:
+        ``kwargs``, with a ``pretrained_cfg_overlay`` naming the cached file in that last case.
+    """
+    from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    load_from, location = _resolve_pretrained_source(cfg.to_dict())
+    if load_from != 'hf-hub':
+        return kwargs  # a local file or folder: timm's loader says what is wrong with it
+    hub_id, filename = location if isinstance(location, tuple) else (location, None)
+    name = f'{variant}.{cfg.tag}' if cfg.tag else variant
+    cached = check_hub_weights(hub_id, model=name, hint=_PRETRAINED_HINT,
+                               **({'filenames': (filename,)} if filename else {}))
+    if cached is not None and cfg.source != 'hf-hub':
+        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {}, file=cached)
+        kwargs = dict(kwargs, pretrained_cfg_overlay=overlay)
+    return kwargs
+
+
 def _create_gradresnet(variant: str, pretrained: bool = False, **kwargs) -> GradResNet:
     cfg = kwargs.get('pretrained_cfg')
     if isinstance(cfg, dict) and cfg.get('source') in ('local-dir', 'hf-hub'):
         # Model arguments read from an export's config.json: an old one does not name the architecture.
         kwargs = upgrade_model_args(kwargs, variant)
+    if pretrained:
+        kwargs = _check_pretrained(variant, kwargs)
     # features_only: by default every feature (stem + each stage); timm's default (0..4) assumes 4 stages.
     num_stages = len(kwargs.get('layers', (2, 2, 2, 2)))
     try:
@@ -650,12 +682,10 @@ def _create_gradresnet(variant: str, pretrained: bool = False, **kwargs) -> Grad
         if not pretrained or not is_download_error(e):
             raise
         hub_id = _resolve_hub_id(variant, cfg)
-        raise RuntimeError(
+        first_line = (str(e).strip().splitlines() or [''])[0]
+        raise PretrainedUnavailableError(
             f'could not load pretrained weights for {variant!r} from the Hugging Face Hub repo '
-            f'{hub_id!r} ({type(e).__name__}: {e}). The weights may not be published yet, or the Hub '
-            f'is unreachable (offline). Load a folder this project wrote with '
-            f"timm.create_model('local-dir:PATH', pretrained=True), or train one with "
-            f'train_joint.py (README: Pretrained weights).') from e
+            f'{hub_id!r} ({type(e).__name__}: {first_line}). {_PRETRAINED_HINT}') from None
 
 
 def _resolve_hub_id(variant: str, cfg: Any) -> str:
