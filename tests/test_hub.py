@@ -386,9 +386,15 @@ def test_token_in_training_args_is_never_written(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['runs']
 
 
+def _same_threads() -> dict:
+    # Bit-equality across processes needs the same reduction order: the child runs with this process's
+    # thread count (the conftest sets one), or a conv's float sums may differ in the last bit.
+    return {'OMP_NUM_THREADS': str(torch.get_num_threads())}
+
+
 def _offline_env(hf_home: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGING_FACE'))}
-    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE='1', GIT_PYTHON_REFRESH='quiet', **extra)
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE='1', GIT_PYTHON_REFRESH='quiet', **_same_threads(), **extra)
     return env
 
 
@@ -614,7 +620,8 @@ class _StandInHub:
 def _online_env(hf_home: Path, endpoint: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGING_FACE'))}
     env.update(HF_HOME=str(hf_home), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_TELEMETRY='1',
-               GIT_PYTHON_REFRESH='quiet', NO_PROXY='127.0.0.1,localhost', no_proxy='127.0.0.1,localhost')
+               GIT_PYTHON_REFRESH='quiet', NO_PROXY='127.0.0.1,localhost', no_proxy='127.0.0.1,localhost',
+               **_same_threads())
     return env
 
 
