@@ -13,7 +13,8 @@ import timm_joint
 from timm_joint import metrics
 
 dinv = pytest.importorskip('deepinv')
-from timm_joint.prior import DeepinvAdapter, GradientStepPrior, has_potential, is_blind  # noqa: E402
+from timm_joint.prior import DeepinvAdapter, GradientStepPrior  # noqa: E402
+from timm_joint.protocol import has_energy, is_blind  # noqa: E402
 
 
 def _images(*shape, seed=0, dtype=torch.float32):
@@ -141,7 +142,7 @@ def test_wrapped_timm_classifier():
     net = timm_joint.JointDensityWrapper(timm.create_model('resnet18', num_classes=3), warn_untrained=False).eval()
     y = _images(2, 3, 32, 32, seed=4)
     den = DeepinvAdapter(net)
-    assert is_blind(net) and has_potential(net)
+    assert is_blind(net) and has_energy(net)
     with torch.no_grad():
         torch.testing.assert_close(den(y, 0.1), net.denoise(y), rtol=0, atol=1e-6)
         torch.testing.assert_close(den(y, 0.1, class_labels=torch.tensor([0, 2])),

@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import pytest
 import timm

@@ -9,12 +9,16 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, TypeVar, Union
 
-__all__ = ['CONSOLE_SCRIPTS', 'program_name', 'error_line', 'check_out_dir', 'check_in_dir', 'check_out_file',
+__all__ = ['CONSOLE_SCRIPTS', 'BAD_INPUT', 'program_name', 'error_line', 'command_line', 'run_or_exit', 'check_out_dir', 'check_in_dir', 'check_out_file',
            'choose_cpu_threads', 'set_cpu_threads']
 
 PathLike = Union[str, os.PathLike]
+T = TypeVar('T')
+
+# What a command raises for input it cannot use; its console entry turns these into one line and status 2.
+BAD_INPUT = (ValueError, TypeError, FileExistsError)
 
 # The console scripts of pyproject.toml, by module.
 CONSOLE_SCRIPTS = {
@@ -47,6 +51,22 @@ def error_line(module: str, error: Union[BaseException, str]) -> str:
     """``PROGRAM: error: MESSAGE`` on one line, as argparse words its own errors."""
     message = ' '.join(str(error).split('\n')) or type(error).__name__
     return f'{program_name(module)}: error: {message}'
+
+
+def command_line(module: str, argv: Sequence[str]) -> str:
+    """``python -m MODULE ARGS`` as results.json records it: arguments with characters a shell reads
+    specially (or empty ones) quoted, so that the line can be run again."""
+    words = (a if a and all(c.isalnum() or c in '-_./:=' for c in a) else repr(a) for a in argv)
+    return ' '.join([f'python -m {module}', *words])
+
+
+def run_or_exit(module: str, work: Callable[[], T]) -> T:
+    """``work()``; on bad input (``BAD_INPUT``), the error on one line (``error_line``) and exit status 2."""
+    try:
+        return work()
+    except BAD_INPUT as e:
+        print(error_line(module, e), file=sys.stderr)
+        sys.exit(2)
 
 
 def _file_above(path: Path) -> Optional[Path]:

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from . import metrics
-from .cli import check_out_dir, error_line, program_name, set_cpu_threads
+from .cli import check_out_dir, command_line, program_name, run_or_exit, set_cpu_threads
 from .io import atomic_write, load_model
 from .protocol import denoise_blind, has_classifier, has_energy, is_denoiser, is_joint
 from .results import NA, SCHEMA_VERSION, is_number, validate_results
@@ -1114,8 +1114,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.out is None:
         name = (args.model.split(':', 1)[-1]).strip('/').replace('/', '_') or 'model'
         args.out = str(Path('eval') / name)
-    args.command = 'python -m timm_joint.evaluate ' + ' '.join(
-        a if a and all(c.isalnum() or c in '-_./:=' for c in a) else repr(a) for a in argv)
+    args.command = command_line('timm_joint.evaluate', argv)
     return args
 
 
@@ -1131,11 +1130,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point (timm-joint-evaluate): bad input exits with status 2 and a one-line error."""
     args = parse_args(argv)
-    try:
-        results = evaluate(args)
-    except (ValueError, TypeError, FileExistsError) as e:
-        print(error_line('timm_joint.evaluate', e), file=sys.stderr)
-        sys.exit(2)
+    results = run_or_exit('timm_joint.evaluate', lambda: evaluate(args))
     print(render_markdown(results))
     print(f'wrote {Path(args.out) / "results.json"}, {Path(args.out) / "results.md"} and {len(results["figures"])} '
           f'figures in {Path(args.out) / "figures"}')

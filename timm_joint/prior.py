@@ -40,30 +40,12 @@ except ImportError as e:  # pragma: no cover - exercised only without the option
         'timm_joint.prior needs deepinv (an optional dependency): pip install -e ".[prior]" '
         '(or pip install "deepinv>=0.5")') from e
 
-from .joint import JointDensityMixin
+from .protocol import has_energy, is_blind, is_joint
 
-__all__ = ['DeepinvAdapter', 'GradientStepPrior', 'is_blind', 'has_potential', 'has_classifier']
+__all__ = ['DeepinvAdapter', 'GradientStepPrior']
 
 SigmaLike = Union[float, int, torch.Tensor, None]
 LabelLike = Union[int, torch.Tensor, None]
-
-
-def is_blind(model: nn.Module) -> bool:
-    """Whether ``model.denoise`` works without sigma: GradResNet-type models and DnCNN; not DRUNet."""
-    if isinstance(model, JointDensityMixin):
-        return True
-    return bool(getattr(model, 'blind', False))
-
-
-def has_potential(model: nn.Module) -> bool:
-    """Whether the model has an explicit energy E with D(y) = y - grad E(y) (the joint models)."""
-    return isinstance(model, JointDensityMixin) or (callable(getattr(model, 'energy', None))
-                                                   and callable(getattr(model, 'log_prob', None)))
-
-
-def has_classifier(model: nn.Module) -> bool:
-    """Whether the model has a classifier head, hence a class-conditional denoiser D(y, c)."""
-    return has_potential(model) and int(getattr(model, 'num_classes', 0) or 0) > 0
 
 
 def _model_dtype(model: nn.Module) -> Optional[torch.dtype]:
@@ -231,16 +213,16 @@ class DeepinvAdapter(Denoiser):
 
     @property
     def num_classes(self) -> int:
-        return int(getattr(self.model, 'num_classes', 0) or 0) if has_classifier(self.model) else 0
+        return int(getattr(self.model, 'num_classes', 0) or 0) if is_joint(self.model) else 0
 
     def _check_potential(self) -> None:
-        if not has_potential(self.model):
+        if not has_energy(self.model):
             raise TypeError(
                 f'{type(self.model).__name__} has no explicit potential (only the joint models have an energy E '
                 f'with D = y - grad E): use it through deepinv.optim.PnP or RED instead of GradientStepPrior')
 
     def _check_conditional(self) -> None:
-        if not has_classifier(self.model):
+        if not is_joint(self.model):
             raise ValueError(
                 f'{type(self.model).__name__} has no classifier (num_classes == 0): class-conditional '
                 f'denoising needs a joint model; drop the class labels for the blind denoiser')
@@ -315,7 +297,7 @@ class DeepinvAdapter(Denoiser):
         return (self.model.denoise(x_in) + self.guidance * s2 * g).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f'blind={self.blind}, potential={has_potential(self.model)}, guidance={self.guidance:g}'
+        return f'blind={self.blind}, potential={has_energy(self.model)}, guidance={self.guidance:g}'
 
 
 class GradientStepPrior(RED):

@@ -43,7 +43,6 @@ Example::
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -55,13 +54,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import metrics
-from .cli import check_out_dir, error_line, program_name
-from .prior import DeepinvAdapter, GradientStepPrior, has_potential, is_blind
+from .cli import check_out_dir, command_line, program_name, run_or_exit
+from .io import atomic_write
+from .prior import DeepinvAdapter, GradientStepPrior
+from .protocol import has_energy, is_blind
 from .robustness import level_key
 
 __all__ = [
     'PROBLEMS', 'HELD_OUT_IMAGES', 'held_out_images', 'make_physics', 'measurement_estimate', 'build_solver',
-    'dpir_schedule', 'restore', 'validate_results', 'render_markdown', 'write_atomic', 'build_parser', 'parse_args',
+    'dpir_schedule', 'restore', 'validate_results', 'render_markdown', 'build_parser', 'parse_args',
     'run', 'main',
 ]
 
@@ -245,7 +246,7 @@ def build_solver(
             iteration='HQS', prior=dinv.optim.PnP(denoiser=adapter), data_fidelity=data_fidelity,
             params_algo={'stepsize': gam, 'g_param': sig, 'lambda': 1.0}, max_iter=iterations, early_stop=False)
     if algorithm == 'red':
-        prior = GradientStepPrior(adapter) if has_potential(adapter.model) else dinv.optim.RED(denoiser=adapter)
+        prior = GradientStepPrior(adapter) if has_energy(adapter.model) else dinv.optim.RED(denoiser=adapter)
         sigma = max(float(noise_sigma), 1 / 255)
         return dinv.optim.optim_builder(
             iteration='PGD', prior=prior, data_fidelity=data_fidelity, g_first=True,
@@ -337,7 +338,7 @@ def restore(args: argparse.Namespace) -> Dict[str, Any]:
         'kind': 'restoration',
         'models': {label: {'name': spec, 'checkpoint': info.get('folder') or info.get('source'),
                            'architecture': info.get('architecture'), 'num_params': info['num_params'],
-                           'blind': is_blind(model), 'potential': has_potential(model)}
+                           'blind': is_blind(model), 'potential': has_energy(model)}
                    for (label, (model, info)), spec in zip(priors.items(), args.models)},
         'images': {'names': list(args.images), 'sizes': list(args.sizes), 'short_side': 256,
                    'source': 'scikit-learn sample images and scikit-image data, not in the quickstart set'},
@@ -365,22 +366,9 @@ def restore(args: argparse.Namespace) -> Dict[str, Any]:
     results['wall_s'] = round(time.time() - t0, 2)
     results['command'] = args.command
     validate_results(results)
-    write_atomic(out_dir / 'results.md', render_markdown(results), overwrite=True)
-    write_atomic(results_path, json.dumps(results, indent=2, allow_nan=False) + '\n', overwrite=args.overwrite)
+    atomic_write(out_dir / 'results.md', render_markdown(results), overwrite=True)
+    atomic_write(results_path, json.dumps(results, indent=2, allow_nan=False) + '\n', overwrite=args.overwrite)
     return results
-
-
-def write_atomic(path: Path, text: str, *, overwrite: bool) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then move it into place; an existing ``path``
-    is replaced only with ``overwrite`` (FileExistsError otherwise, the temporary file removed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    tmp.write_text(text)
-    if not overwrite and path.exists():
-        tmp.unlink()
-        raise FileExistsError(f'{path} exists: refusing to overwrite it (pass --overwrite, or another --out)')
-    os.replace(tmp, path)
 
 
 def _denoising_diagnostic(priors, x: torch.Tensor, s255: float, key: str, size: int, seed: int,
@@ -482,7 +470,8 @@ def _check_args(args: argparse.Namespace) -> None:
         if not (math.isfinite(s) and s >= 0):
             raise ValueError(f'--noise levels must be finite and >= 0 (0-255 units), got {s}')
         if 0 < s < 1:
-            print(f'timm-joint-restore: note: --noise {s} is in 0-255 units ({s}/255 in pixels)', file=sys.stderr)
+            print(f'{program_name("timm_joint.restore")}: note: --noise {s} is in 0-255 units ({s}/255 in pixels)',
+                  file=sys.stderr)
     for s in args.sizes:
         if s < 8:
             raise ValueError(f'--sizes must be >= 8 px, got {s}')
@@ -527,8 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.command = 'python -m timm_joint.restore ' + ' '.join(
-        a if a and all(c.isalnum() or c in '-_./:=' for c in a) else repr(a) for a in argv)
+    args.command = command_line('timm_joint.restore', argv)
     return args
 
 
@@ -540,11 +528,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point: bad input exits with status 2 and a one-line error."""
     args = parse_args(argv)
-    try:
-        results = restore(args)
-    except (ValueError, TypeError, FileExistsError) as e:
-        print(error_line('timm_joint.restore', e), file=sys.stderr)
-        sys.exit(2)
+    results = run_or_exit('timm_joint.restore', lambda: restore(args))
     print(render_markdown(results))
     print(f'wrote {Path(args.out) / "results.json"}, {Path(args.out) / "results.md"} and '
           f'{Path(args.out) / results["figures"][0]}')

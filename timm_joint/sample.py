@@ -40,7 +40,6 @@ OUT/samples.png (one row per sampler and class) and OUT/samples.pt (the sample t
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,8 +51,10 @@ import torch
 import torch.nn as nn
 
 from . import textures
-from .cli import check_out_dir, error_line, program_name
-from .prior import DeepinvAdapter, has_classifier
+from .cli import check_out_dir, command_line, program_name, run_or_exit
+from .io import atomic_file, atomic_write
+from .prior import DeepinvAdapter
+from .protocol import is_joint
 
 __all__ = [
     'KSSampler', 'SampleOutput', 'diffusion_sample', 'GaussianTextureDenoiser', 'radial_power',
@@ -491,7 +492,6 @@ def sample_command(args: argparse.Namespace) -> Dict[str, Any]:
     """
     from . import figures
     from .evaluate import load_model
-    from .restore import write_atomic
 
     from .evaluate import read_training_sigma_max
 
@@ -512,7 +512,7 @@ def sample_command(args: argparse.Namespace) -> Dict[str, Any]:
     if not callable(getattr(model, 'denoise', None)):
         raise ValueError(f'{args.model!r} has no denoiser (a plain classifier): sampling needs a timm_joint model')
     den = DeepinvAdapter(model, guidance=args.guidance)
-    conditional = has_classifier(model)
+    conditional = is_joint(model)
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     in_chans = int(getattr(model, 'in_chans', 3))
     size = args.img_size or int((cfg.get('input_size') or (3, 32, 32))[-1])
@@ -582,14 +582,13 @@ def sample_command(args: argparse.Namespace) -> Dict[str, Any]:
     fig = figures.sample_grid(rows, out_dir / 'samples.png',
                               title=f'sigma {args.sigma_start:g} -> {args.sigma_end:g} (0-255); {title}')
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f'.samples.pt.tmp-{os.getpid()}'
-    torch.save(tensors, tmp)
-    os.replace(tmp, out_dir / 'samples.pt')
+    with atomic_file(out_dir / 'samples.pt') as tmp:
+        torch.save(tensors, tmp)
     results['figures'] = [str(fig.relative_to(out_dir))]
     results['wall_s'] = round(time.time() - t0, 2)
     results['command'] = args.command
-    write_atomic(out_dir / 'results.md', render_markdown(results), overwrite=True)
-    write_atomic(results_path, json.dumps(results, indent=2, allow_nan=False) + '\n', overwrite=args.overwrite)
+    atomic_write(out_dir / 'results.md', render_markdown(results), overwrite=True)
+    atomic_write(results_path, json.dumps(results, indent=2, allow_nan=False) + '\n', overwrite=args.overwrite)
     return results
 
 
@@ -670,8 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.command = 'python -m timm_joint.sample ' + ' '.join(
-        a if a and all(c.isalnum() or c in '-_./:=' for c in a) else repr(a) for a in argv)
+    args.command = command_line('timm_joint.sample', argv)
     return args
 
 
@@ -683,11 +681,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point: bad input exits with status 2 and a one-line error."""
     args = parse_args(argv)
-    try:
-        results = sample_command(args)
-    except (ValueError, TypeError, FileExistsError) as e:
-        print(error_line('timm_joint.sample', e), file=sys.stderr)
-        sys.exit(2)
+    results = run_or_exit('timm_joint.sample', lambda: sample_command(args))
     print(render_markdown(results))
     out = Path(args.out)
     print(f'wrote {out / "results.json"}, {out / "samples.png"} and {out / "samples.pt"}')
