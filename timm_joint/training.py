@@ -444,7 +444,7 @@ class DenoisingLoader:
         stage = self.stages[stage_idx]
         # A resume into the stage it stopped in continues its pass; a new stage starts a fresh one.
         resuming_here = self.state.den_stage == stage_idx and self.state.den_step > 0
-        if not resuming_here and self.stage_idx is not None:
+        if not resuming_here:
             self.state.den_step = 0
         self.state.den_stage = stage_idx
         set_denoising_patch(self.dataset, stage.patch_size, self.hflip)
