@@ -346,3 +346,16 @@ def test_channels_last_gives_the_same_results(small_model):
     y_cl = y.contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(model_cl.denoise(y_cl), ref_d, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(model_cl.denoise(y_cl, sigma=0.1, c=2), ref_dc, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('form', ['positions', 'pooled'])
+@pytest.mark.parametrize('shape', [(2, 3, 4, 5), (2, 3, 7)])
+def test_closed_form_energy_map_grads_equal_autograd(form, shape):
+    # energy_map_grads (used by the training objective's input gradient) against autograd of energy_of_maps,
+    # for image maps and for flattened [B, C, N] maps.
+    from timm_joint.joint import energy_map_grads, energy_of_maps
+    g = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    h = torch.randn(2, 5, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    grads = torch.autograd.grad(energy_of_maps([g, h], form, scale=0.3).sum(), [g, h])
+    for auto, closed in zip(grads, energy_map_grads([g.detach(), h.detach()], form, scale=0.3)):
+        torch.testing.assert_close(closed, auto)

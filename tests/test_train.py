@@ -188,6 +188,9 @@ def test_yaml_defaults_and_cli_precedence(tmp_path):
     (['--mixup', '0.8', '-b', '7'], 'even --batch-size'),
     (['--lambda-den-start', '-1'], 'must be >= 0'),
     (['--dataset', 'torch/no_such_set'], 'could not open dataset'),
+    (['--eval-metric', 'top1_s50'], r"'top1_s50' is not measured.*expected one of top1_s0, top1_s25, psnr_s15, "),
+    (['--task', 'denoising', '--eval-metric', 'top1_s0'], 'expected one of psnr_s15, psnr_s25, psnr_s50 '),
+    (['--eval-metric', 'ema_top1_s0'], 'not measured'),
 ])
 def test_bad_options_are_refused_before_training(extra, message, data_dir, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -460,3 +463,21 @@ def test_a_refused_run_writes_no_log(data_dir, tmp_path):
     with pytest.raises(ValueError):
         run(TINY + ['--data-dir', data_dir, '--output', tmp_path, '--experiment', 'x', '--lambda-den', '-1'])
     assert not (tmp_path / 'x').exists()
+
+
+def test_torchcompile_trains_classification_as_the_uncompiled_run(data_dir, tmp_path):
+    # Accelerate compiles the prepared model (dynamo; the 'eager' backend is cheap and exact): the same
+    # weights as the run without it, and a compiled module was actually in use.
+    common = TINY + ['--data-dir', data_dir, '--task', 'classification', '-b', '8', '--epochs', '1',
+                     '--max-steps', '2', '--output', tmp_path]
+    import torch._dynamo
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    compiled = run(common + ['--experiment', 'compiled', '--torchcompile', 'eager'])
+    assert counts['stats']['unique_graphs'] > 0
+    plain = run(common + ['--experiment', 'plain'])
+    a, b = _weights(compiled / 'export' / 'last'), _weights(plain / 'export' / 'last')
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

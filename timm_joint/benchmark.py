@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cli import check_out_file, error_line, program_name
+from .cli import check_out_file, program_name, run_or_exit
 from .io import atomic_write
 
 __all__ = ['CASES', 'TARGETS', 'SCHEMA_NAME', 'SCHEMA_VERSION', 'run_benchmark', 'validate_results',
@@ -828,11 +828,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Command-line entry point (``timm-joint-benchmark``): run, print the tables, write the JSON."""
     args = _parser().parse_args(argv)
-    try:
-        check_out_file(args.out, '--out')  # before the benchmark runs, not after
-    except ValueError as e:
-        print(error_line('timm_joint.benchmark', e), file=sys.stderr)
-        sys.exit(2)
+    run_or_exit('timm_joint.benchmark', lambda: check_out_file(args.out, '--out'))  # before the benchmark, not after
     devices = args.device or (['cpu', 'cuda'] if torch.cuda.is_available() else ['cpu'])
     cfg = dict(
         img_size=args.img_size, batch_size=args.batch_size or [DEFAULT_BATCH[s] for s in args.img_size],

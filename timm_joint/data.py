@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 from torchvision import transforms as T
 
-from .cli import check_in_dir, check_out_dir, error_line, program_name
+from .cli import BAD_INPUT, check_in_dir, check_out_dir, error_line, program_name
 from .io import atomic_dir
 from .noise import sample_seed, seeded_noise
 
@@ -782,7 +782,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             path = prepare_textures(args.root)
         else:
             path = write_wds(args.src, args.dst, splits=args.splits, shard_size=args.shard_size)
-    except ValueError as e:
+    except BAD_INPUT as e:
         print(error_line('timm_joint.data', e), file=sys.stderr)
         sys.exit(2)
     print(f'wrote {path}')

@@ -143,7 +143,9 @@ def energy_map_grads(maps: List[torch.Tensor], form: str = 'positions', scale: f
     dtype."""
     if form == 'positions':
         return [g * scale for g in maps] if scale != 1. else list(maps)
-    return [(g.mean((-2, -1), keepdim=True) * scale).expand_as(g) for g in maps]
+    # The mean over positions (every dim after channels: [B, C, H, W] or [B, C, N]), at every position.
+    return [(g.flatten(2).mean(-1) * scale).reshape(*g.shape[:2], *(1,) * (g.dim() - 2)).expand_as(g)
+            for g in maps]
 
 
 @torch.jit.unused

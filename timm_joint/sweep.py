@@ -27,9 +27,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .cli import check_out_dir, error_line, program_name
+from .cli import check_out_dir, program_name, run_or_exit
+from .io import atomic_write
 from .results import NA, load_results
 
 __all__ = ['PRESETS', 'PRESET_EVAL_ARGS', 'run_sweep', 'render_table']
@@ -240,7 +241,7 @@ def _run_variant(name, args, run_dir, config, data_dir, steps, extra, evaluate, 
         t0 = time.time()
         subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get(
             'OMP_NUM_THREADS', str(os.cpu_count() or 1))))
-        timing.write_text(json.dumps({'wall_s': time.time() - t0}))
+        atomic_write(timing, json.dumps({'wall_s': time.time() - t0}))
     metrics = _read_summary(run_dir) or {}
     if evaluate:
         task = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == '--task'), 'joint')
@@ -372,24 +373,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if any(a == '--seed' or a.startswith('--seed=') for a in args.extra):
         parser.error('give seeds with --seeds, not --seed after --: every run of a variant would share it')
     out = Path(args.output) / (args.name or f'{args.preset}-{args.dataset}-{args.steps}')
-    try:
-        check_out_dir(args.output, '--output')
-        check_out_dir(out, '--name')
-    except ValueError as e:
-        print(error_line('timm_joint.sweep', e), file=sys.stderr)
-        sys.exit(2)
+    run_or_exit('timm_joint.sweep', lambda: (check_out_dir(args.output, '--output'), check_out_dir(out, '--name')))
     out.mkdir(parents=True, exist_ok=True)
     if args.preset in PRESET_EVAL_ARGS and not args.evaluate:
         parser.error(f'--preset {args.preset} is measured by python -m timm_joint.evaluate: add --evaluate')
-    records = run_sweep(args.preset, config=args.config, dataset=args.dataset, steps=args.steps, out=out,
-                        extra=args.extra, variants=args.variants, evaluate=args.evaluate, seeds=args.seeds,
-                        eval_args=shlex.split(args.eval_args))
+    def sweep() -> List[Dict[str, Any]]:
+        try:
+            return run_sweep(args.preset, config=args.config, dataset=args.dataset, steps=args.steps, out=out,
+                             extra=args.extra, variants=args.variants, evaluate=args.evaluate, seeds=args.seeds,
+                             eval_args=shlex.split(args.eval_args))
+        except subprocess.CalledProcessError as e:  # the run's own error is above; finished runs are kept
+            raise ValueError(f'a run failed (exit status {e.returncode}): {" ".join(map(str, e.cmd[1:]))}; '
+                             f'finished runs are kept and reused when the sweep is run again') from None
+
+    records = run_or_exit('timm_joint.sweep', sweep)
     table = render_table(records, PRESET_COLUMNS.get(args.preset, COLUMNS))
-    (out / f'{args.preset}.json').write_text(json.dumps({'schema_version': 1, 'preset': args.preset,
-                                                  'dataset': args.dataset, 'steps': args.steps,
-                                                  'seeds': args.seeds, 'eval_args': args.eval_args,
-                                                  'config': args.config, 'records': records}, indent=2))
-    (out / f'{args.preset}.md').write_text(table + '\n')
+    atomic_write(out / f'{args.preset}.json', json.dumps({
+        'schema_version': 1, 'preset': args.preset, 'dataset': args.dataset, 'steps': args.steps,
+        'seeds': args.seeds, 'eval_args': args.eval_args, 'config': args.config, 'records': records}, indent=2))
+    atomic_write(out / f'{args.preset}.md', table + '\n')
     print(table)
 
 

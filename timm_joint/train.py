@@ -39,7 +39,7 @@ import time
 from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import timm
@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from timm_joint import training
-from timm_joint.cli import check_out_dir, error_line, program_name, set_cpu_threads
+from timm_joint.cli import BAD_INPUT, check_out_dir, error_line, program_name, set_cpu_threads
 from timm_joint.data import (
     check_data_dir, create_eval_dataset, create_joint_datasets, is_streamed, skip_bad_images)
 from timm_joint.hub import save_pretrained
@@ -122,7 +122,7 @@ group.add_argument('-vb', '--validation-batch-size', type=int, default=None, met
 group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N', help='gradient accumulation steps')
 group.add_argument('--grad-checkpointing', action='store_true', default=False, help='non-reentrant gradient checkpointing')
 group.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
-                   help='extra model constructor arguments, e.g. side_energy=False norm_position=conv')
+                   help='extra model constructor arguments, e.g. side_connections=False norm_position=conv')
 group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                    help='torch.compile (refused for joint/denoising: no double backward in aot_autograd)')
 
@@ -297,11 +297,27 @@ def check_args(args: argparse.Namespace) -> None:
                          f'{args.lambda_den_start}')
     if args.batch_size <= 0 or args.grad_accum_steps <= 0:
         raise ValueError('--batch-size and --grad-accum-steps must be positive')
+    if args.eval_metric is not None:
+        known = validation_metrics(args)
+        if args.eval_metric not in known:
+            raise ValueError(f'--eval-metric {args.eval_metric!r} is not measured by this run\'s validation: '
+                             f'expected one of {", ".join(known)} (from --task, --val-sigmas, --val-psnr-sigmas'
+                             f'{" and --model-ema" if args.model_ema else ""})')
     args.model_kwargs_dict = _parse_model_kwargs(args.model_kwargs)
     check_out_dir(args.output, '--output')
     if args.experiment:
         check_out_dir(Path(args.output) / args.experiment, '--experiment')
     check_data_dir(args.dataset, args.data_dir, args.dataset_download)
+
+
+def validation_metrics(args: argparse.Namespace) -> List[str]:
+    """The metric names a validation of this run reports (``training.validate``), EMA copies included."""
+    names = []
+    if args.task != 'denoising':
+        names += [f'top1_s{s:g}' for s in args.val_sigmas]
+    if args.task != 'classification':
+        names += [f'psnr_s{s:g}' for s in args.val_psnr_sigmas]
+    return names + ([f'ema_{k}' for k in names] if args.model_ema else [])
 
 
 # -- model and objective ---------------------------------------------------------------------------------
@@ -433,6 +449,8 @@ def create_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerato
             num_steps=args.grad_accum_steps, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         kwargs_handlers=[ddp_kwargs],
+        # --torchcompile (classification only, check_args): Accelerate compiles the prepared model.
+        **({'dynamo_backend': args.torchcompile} if args.torchcompile else {}),
         log_with=args.log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / 'logs')),
     )
@@ -652,7 +670,8 @@ def train_one_epoch(
             if use_cls:
                 x, target, _, sigma_cls, eps_cls = batch
                 if mixup_fn is not None:
-                    # Seeded per (rank, update): MixUp draws survive a resume wherever it restarts.
+                    # Seeded per (rank, epoch, batch): one mix per batch (timm's Mixup draws from numpy's global
+                    # generator), so that a resume draws what the uninterrupted run drew.
                     np.random.seed(hash((args.seed, accelerator.process_index, epoch,
                                          state.step_in_epoch)) % 2 ** 32)
                     x, target = mixup_fn(x, target)
@@ -935,7 +954,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     """
     try:
         main(argv)
-    except ValueError as e:
+    except BAD_INPUT as e:
         print(error_line('timm_joint.train', e), file=sys.stderr)
         return 2
     return 0
