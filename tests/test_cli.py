@@ -171,3 +171,12 @@ def test_cpu_threads_leave_busy_cores_alone(requested, env, cores, load, default
     assert threads == expected and reason
     if expected < default and not env and not requested:
         assert 'stall' in reason and f'load average {load:.1f}' in reason
+
+
+def test_recorded_command_line_runs_again_in_a_shell():
+    # command_line quotes for a POSIX shell: the shell splits the line back into the same arguments.
+    import shlex
+    from timm_joint.cli import command_line
+    argv = ['--dataset', '', '--label', "joint (it's λ=100)", '--out', 'a b/$HOME', '--sigmas', '0', '25', 'back\\slash']
+    line = command_line('timm_joint.evaluate', argv)
+    assert shlex.split(line) == ['python', '-m', 'timm_joint.evaluate', *argv]

@@ -129,8 +129,6 @@ def test_restore_end_to_end(exports, tmp_path, capsys):
 def test_restore_bad_input(exports, tmp_path):
     base = ['--models', f'local-dir:{exports / "joint"}', '--out', str(tmp_path / 'o'), '--no-progress',
             '--images', 'china', '--iterations', '1']
-    with pytest.raises(ValueError, match='multiples'):
-        run(base + ['--sizes', '18', '--problems', 'sr'])
     with pytest.raises(ValueError, match='unknown problem'):
         run(base + ['--problems', 'denoise'])
     with pytest.raises(ValueError, match='unknown --images'):
@@ -142,3 +140,14 @@ def test_restore_bad_input(exports, tmp_path):
     with pytest.raises(ValueError, match='noise'):
         run(base + ['--noise', '-5'])
     assert not (tmp_path / 'o' / 'results.json').exists()
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--sizes', '18', '--problems', 'sr'], 'not a multiple of --sr-factor 4'),
+    (['--sizes', '512'], r'must be in \[8, 256\]'),
+])
+def test_sizes_that_cannot_be_restored_are_refused_before_any_work(extra, message, tmp_path):
+    # 'no_such_model' would fail to load: the size error comes first, before any model or solve.
+    with pytest.raises(ValueError, match=message):
+        run(['--models', 'no_such_model', '--out', str(tmp_path / 'r')] + extra)
+    assert not (tmp_path / 'r').exists()

@@ -268,3 +268,13 @@ def test_sample_command_bad_input(exports, tmp_path):
     with pytest.raises(ValueError, match='batch-size'):
         run(base + ['--batch-size', '0'])
     assert not (tmp_path / 'o' / 'results.json').exists()
+
+
+def test_bad_options_are_refused_before_the_model_loads(tmp_path):
+    # 'no_such_model' would fail to load: the option error comes first.
+    from timm_joint.sample import run as sample_run
+    with pytest.raises(ValueError, match='expected 0 < --sigma-end < --sigma-start'):
+        sample_run(['--model', 'no_such_model', '--sigma-start', '10', '--sigma-end', '20', '--out', str(tmp_path / 's')])
+    with pytest.raises(ValueError, match='unknown sampler'):
+        sample_run(['--model', 'no_such_model', '--samplers', 'langevin', '--out', str(tmp_path / 's')])
+    assert not (tmp_path / 's').exists()

@@ -7,6 +7,7 @@ Every command (train, evaluate, hub, benchmark, sweep, data, restore, sample) na
 """
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple, TypeVar, Union
@@ -54,10 +55,9 @@ def error_line(module: str, error: Union[BaseException, str]) -> str:
 
 
 def command_line(module: str, argv: Sequence[str]) -> str:
-    """``python -m MODULE ARGS`` as results.json records it: arguments with characters a shell reads
-    specially (or empty ones) quoted, so that the line can be run again."""
-    words = (a if a and all(c.isalnum() or c in '-_./:=' for c in a) else repr(a) for a in argv)
-    return ' '.join([f'python -m {module}', *words])
+    """``python -m MODULE ARGS`` as results.json records it, each argument quoted for a POSIX shell where it
+    needs to be (``shlex.quote``), so that the line can be run again."""
+    return ' '.join([f'python -m {module}', *map(shlex.quote, argv)])
 
 
 def run_or_exit(module: str, work: Callable[[], T]) -> T:

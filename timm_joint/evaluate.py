@@ -12,9 +12,9 @@ smoothing, ``--certify``) and the Jacobian spectrum of the denoiser, and writes
 
 Example::
 
-    python -m timm_joint.evaluate --model gradresnet_tiny_joint --checkpoint runs/quickstart/export \\
+    python -m timm_joint.evaluate --model gradresnet_tiny_joint --checkpoint runs/quickstart/export/best \\
         --dataset '' --data-dir data/quickstart --out runs/quickstart/eval \\
-        --attack linf l2 --reference-model resnet18 --reference-checkpoint runs/resnet18/export \\
+        --attack linf l2 --reference-model resnet18 --reference-checkpoint runs/resnet18/export/best \\
         --certify --certify-sigmas 12 25 50 --certify-n 10000
 
 Noise levels on the command line are in the 0-255 convention. Every noisy image is
@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from . import metrics
 from .cli import check_out_dir, command_line, program_name, run_or_exit, set_cpu_threads
-from .io import atomic_write, load_model
+from .io import atomic_write, load_model, train_args_files
 from .protocol import denoise_blind, has_classifier, has_energy, is_denoiser, is_joint
 from .results import NA, SCHEMA_VERSION, is_number, validate_results
 from .robustness import (
@@ -163,8 +163,8 @@ def read_training_sigma_max(folder: Optional[str], override_255: Optional[float]
     """The largest training noise level of the denoising batch, in the 0-255 convention.
 
     Looks, in order, at ``--train-sigma-max`` (``override_255``), the export's ``config.json``
-    (train_joint.py writes ``timm_joint.sigma_max_den_255`` there), then ``args.yaml`` in the export
-    folder, its parent and grandparent (train_joint.py writes ``runs/NAME/args.yaml`` and exports to
+    (train_joint.py writes ``timm_joint.sigma_max_den_255`` there), then the run's ``args.yaml``
+    (``io.train_args_files``: train_joint.py writes ``runs/NAME/args.yaml`` and exports to
     ``runs/NAME/export/{best,last}``), for one of the keys sigma_max_den_255, sigma_max_den,
     den_sigma_max. Values are in 0-255 units, as on the training command line.
 
@@ -176,7 +176,7 @@ def read_training_sigma_max(folder: Optional[str], override_255: Optional[float]
     if folder is None:
         return {'sigma_max_255': None, 'source': 'unknown: no checkpoint folder to read training arguments from'}
     base = Path(folder)
-    candidates = [base / 'config.json', base / 'args.yaml', base.parent / 'args.yaml', base.parent.parent / 'args.yaml']
+    candidates = [base / 'config.json', *train_args_files(base)]
     for path in candidates:
         if not path.is_file():
             continue
@@ -199,7 +199,7 @@ def read_training_cls_noise(folder: Optional[str]) -> Dict[str, Any]:
     """The classification batch's training noise (0-255 units), as train_joint.py recorded it.
 
     Reads the export's ``config.json`` (``timm_joint.sigma_max_cls_255``, ``sigma_dist_cls``), then
-    ``args.yaml`` in the folder, its parent and grandparent (``sigma_max_cls``, ``sigma_dist_cls``).
+    the run's ``args.yaml`` (``io.train_args_files``: ``sigma_max_cls``, ``sigma_dist_cls``).
 
     Returns:
         {'sigma_max_cls_255': float or None, 'sigma_dist_cls': 'squared_uniform' (sigma = max * u^2, the
@@ -208,8 +208,7 @@ def read_training_cls_noise(folder: Optional[str]) -> Dict[str, Any]:
     if folder is not None:
         base = Path(folder)
         import yaml
-        for path in (base / 'config.json', base / 'args.yaml', base.parent / 'args.yaml',
-                     base.parent.parent / 'args.yaml'):
+        for path in (base / 'config.json', *train_args_files(base)):
             if not path.is_file():
                 continue
             try:
@@ -1048,7 +1047,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--crop-pct', type=float, default=None)
     p.add_argument('--batch-size', type=int, default=128)
     p.add_argument('--workers', type=int, default=2)
-    p.add_argument('--max-images', type=int, default=None, help='evaluate the first N images only')
+    p.add_argument('--max-images', type=int, default=None, help='evaluate N images only, spread evenly over the split')
     p.add_argument('--skip-bad-images', action='store_true',
                    help='decode every image of an image folder once first and leave out those that cannot be read '
                         '(listed in results.json); without it such an image stops the evaluation')

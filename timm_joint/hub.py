@@ -35,7 +35,8 @@ from huggingface_hub import HfApi
 from . import results as results_schema
 from .cli import check_out_dir, error_line, program_name
 from .io import (
-    REPO_ID, SAFE_WEIGHTS, atomic_dir, check_fits, create_from_config, read_config, read_state_dict, write_state_dict,
+    REPO_ID, SAFE_WEIGHTS, atomic_dir, check_fits, create_from_config, read_config, read_state_dict, train_args_files,
+    write_state_dict,
 )
 from .resources import resource_dir
 from .results import NA, is_number
@@ -49,7 +50,6 @@ __all__ = [
 CARD_DIR = resource_dir('hub_cards')
 CARD_TEMPLATE = CARD_DIR / 'model_card.md'
 
-PUBLISHED_FILES = ('README.md', 'config.json', SAFE_WEIGHTS)
 
 CITATION = """@article{thiry2024classification,
   title   = {Classification-denoising networks},
@@ -306,14 +306,7 @@ def _model_index(results: Dict[str, Any], name: str) -> List[Dict[str, Any]]:
 
 
 def _find_train_args(folder: Path, config: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
-    # train_joint.py writes runs/NAME/args.yaml beside runs/NAME/export/{last,best,ema_best}; look only
-    # where a run puts it, so that an unrelated args.yaml higher up is never taken for this model's.
-    candidates = [folder / 'args.yaml']
-    if folder.name == 'export':
-        candidates.append(folder.parent / 'args.yaml')
-    if folder.parent.name == 'export':
-        candidates.append(folder.parent.parent / 'args.yaml')
-    for candidate in candidates:
+    for candidate in train_args_files(folder):
         if candidate.is_file():
             try:
                 args = yaml.safe_load(candidate.read_text())

@@ -23,7 +23,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,7 @@ __all__ = [
     'SAFE_WEIGHTS', 'TORCH_WEIGHTS', 'WEIGHT_FILES', 'REPO_ID',
     'atomic_file', 'atomic_write', 'atomic_dir', 'atomic_replace_dir',
     'weights_format', 'find_weights', 'read_state_dict', 'write_state_dict', 'check_fits',
-    'read_config', 'create_from_config', 'load_model', 'is_download_error',
+    'read_config', 'train_args_files', 'create_from_config', 'load_model', 'is_download_error',
     'PretrainedUnavailableError', 'check_hub_weights',
 ]
 
@@ -282,6 +282,19 @@ def check_fits(
 
 
 # -- export folders ----------------------------------------------------------------------------------
+
+def train_args_files(folder: PathLike) -> List[Path]:
+    """Where the training arguments of the export in ``folder`` can be: its own args.yaml, and the run's
+    (train_joint.py writes runs/NAME/args.yaml beside runs/NAME/export/{last,best,...}). Only where a run
+    puts it, so that an unrelated args.yaml higher up is never taken for this model's."""
+    folder = Path(folder)
+    candidates = [folder / 'args.yaml']
+    if folder.name == 'export':
+        candidates.append(folder.parent / 'args.yaml')
+    if folder.parent.name == 'export':
+        candidates.append(folder.parent.parent / 'args.yaml')
+    return candidates
+
 
 def read_config(folder: PathLike) -> Dict[str, Any]:
     """An export folder's ``config.json`` (timm's format), checked.

@@ -49,8 +49,8 @@ class JointObjective(nn.Module):
         """Args:
             y_cls: Noisy classification batch [B, C, H, W] (tasks 'joint', 'classification').
             y_den: Noisy denoising batch [B', C, H', W'] (tasks 'joint', 'denoising').
-            sigma_den: Its noise levels [B']; a blind denoiser (GradResNet) validates and ignores them,
-                a non-blind baseline (DRUNet) needs them.
+            sigma_den: Its noise levels [B']; a blind denoiser (GradResNet) is not given them (the
+                loaders drew them, so they are not checked here), a non-blind baseline (DRUNet) needs them.
 
         Returns:
             dict with 'logits' [B, num_classes] and/or 'denoised' [B', C, H', W'].

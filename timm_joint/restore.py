@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from . import metrics
 from .cli import check_out_dir, command_line, program_name, run_or_exit
-from .io import atomic_write
+from .io import atomic_write, load_model
 from .prior import DeepinvAdapter, GradientStepPrior
 from .protocol import has_energy, is_blind
 from .robustness import level_key
@@ -259,7 +259,6 @@ def build_solver(
 
 def _load_priors(specs: Sequence[str], labels: Optional[Sequence[str]],
                  device: str) -> Dict[str, Tuple[nn.Module, Dict[str, Any]]]:
-    from .evaluate import load_model
     if labels and len(labels) != len(specs):
         raise ValueError(f'--labels must name each of the {len(specs)} --models, got {len(labels)}')
     out: Dict[str, Tuple[nn.Module, Dict[str, Any]]] = {}
@@ -473,8 +472,12 @@ def _check_args(args: argparse.Namespace) -> None:
             print(f'{program_name("timm_joint.restore")}: note: --noise {s} is in 0-255 units ({s}/255 in pixels)',
                   file=sys.stderr)
     for s in args.sizes:
-        if s < 8:
-            raise ValueError(f'--sizes must be >= 8 px, got {s}')
+        if not 8 <= s <= 256:
+            raise ValueError(f'--sizes must be in [8, 256] px (the photographs are resized to a 256 px shorter '
+                             f'side), got {s}')
+        if 'sr' in args.problems and (args.sr_factor < 1 or s % args.sr_factor):
+            raise ValueError(f'--sizes {s} is not a multiple of --sr-factor {args.sr_factor}: super-resolution '
+                             f'needs sizes that the factor divides')
     if args.iterations < 1:
         raise ValueError(f'--iterations must be >= 1, got {args.iterations}')
     if args.grid_images < 1:

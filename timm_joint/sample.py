@@ -35,7 +35,8 @@ Command line (noise levels in the 0-255 convention)::
 
 writes OUT/results.json (schema_version 1, kind "samples": parameters, steps, final noise levels and
 the rate at which the model's own classifier recognises the class of each class-conditional sample),
-OUT/samples.png (one row per sampler and class) and OUT/samples.pt (the sample tensors).
+OUT/results.md (its tables), OUT/samples.png (one row per sampler and class) and OUT/samples.pt (the
+sample tensors).
 """
 import argparse
 import json
@@ -52,7 +53,7 @@ import torch.nn as nn
 
 from . import textures
 from .cli import check_out_dir, command_line, program_name, run_or_exit
-from .io import atomic_file, atomic_write
+from .io import atomic_file, atomic_write, load_model
 from .prior import DeepinvAdapter
 from .protocol import is_joint
 
@@ -433,7 +434,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for s in args.samplers:
         if s not in SAMPLERS:
             raise ValueError(f'unknown sampler {s!r}: expected some of {SAMPLERS}')
-    if not 0 < args.sigma_end < args.sigma_start:
+    # --sigma-start defaults to the model's training range: checked once the model is loaded.
+    if args.sigma_start is not None and not 0 < args.sigma_end < args.sigma_start:
         raise ValueError(f'expected 0 < --sigma-end < --sigma-start (0-255 units), '
                          f'got {args.sigma_end}, {args.sigma_start}')
     if args.unconditional < 0 or args.per_class < 0:
@@ -491,7 +493,6 @@ def sample_command(args: argparse.Namespace) -> Dict[str, Any]:
         The results dictionary.
     """
     from . import figures
-    from .evaluate import load_model
 
     from .evaluate import read_training_sigma_max
 
@@ -500,6 +501,7 @@ def sample_command(args: argparse.Namespace) -> Dict[str, Any]:
     results_path = out_dir / 'results.json'
     if results_path.exists() and not args.overwrite:
         raise FileExistsError(f'{results_path} exists: refusing to overwrite it (pass --overwrite, or another --out)')
+    _check_args(args)  # before the model loads
     t0 = time.time()
     model, info = load_model(args.model, args.checkpoint, num_classes=args.num_classes, device=args.device)
     training = read_training_sigma_max(info.get('folder'))

@@ -12,7 +12,7 @@ Because the law is known, two things can be computed exactly rather than estimat
 - ``spectrum``: the true power spectrum, against which a sampler's average spectrum can be checked.
 
 Pixels are in [0, 1]; the fields are generated at std 0.1 around 0.5, so values outside [0, 1] (which
-``render`` clips) lie more than 5 standard deviations out and essentially never occur.
+``timm_joint.data.prepare_textures`` clips when it writes the images) lie more than 5 standard deviations out and essentially never occur.
 """
 from typing import Dict, Sequence, Tuple
 

@@ -204,7 +204,7 @@ group.add_argument('--val-sigmas', type=float, nargs='+', default=[0, 25], metav
 group.add_argument('--val-psnr-sigmas', type=float, nargs='+', default=[15, 25, 50], metavar='S',
                    help='noise levels (0-255) of the validation PSNR')
 group.add_argument('--val-max-batches', type=int, default=None, metavar='N', help='validate on at most N batches')
-group.add_argument('--checkpoint-hist', type=int, default=2, metavar='N', help='number of state checkpoints to keep')
+group.add_argument('--checkpoint-hist', type=int, default=2, metavar='N', help='number of state checkpoints to keep (at least 1)')
 group.add_argument('--checkpoint-interval', type=int, default=0, metavar='N',
                    help='also save a resumable state every N optimizer steps (0: at the end of each epoch only)')
 group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading workers per process')
@@ -295,6 +295,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.lambda_den < 0 or (args.lambda_den_start is not None and args.lambda_den_start < 0):
         raise ValueError(f'--lambda-den and --lambda-den-start must be >= 0, got {args.lambda_den}, '
                          f'{args.lambda_den_start}')
+    if args.checkpoint_hist < 1:
+        raise ValueError(f'--checkpoint-hist must be >= 1 (the newest checkpoint is what a resume needs), '
+                         f'got {args.checkpoint_hist}')
     if args.batch_size <= 0 or args.grad_accum_steps <= 0:
         raise ValueError('--batch-size and --grad-accum-steps must be positive')
     if args.eval_metric is not None:

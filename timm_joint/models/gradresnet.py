@@ -516,6 +516,8 @@ class GradResNet(JointDensityMixin, nn.Module):
             self.side = self.side[:n_side]
             last = self.feature_info[max_index]['num_chs']
             self.num_features = self.head_hidden_size = last + sum(m.out_channels for m in self.side)
+            if self.heads == 'shared':
+                self.energy_scale = 1. / self.num_features  # E stays half the mean of phi's squares
             if self.energy_head is not None:
                 n_keep = max_index if self.side_connections else 0
                 self.energy_head.maps = self.energy_head.maps[:n_keep]
