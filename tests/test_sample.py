@@ -278,3 +278,21 @@ def test_bad_options_are_refused_before_the_model_loads(tmp_path):
     with pytest.raises(ValueError, match='unknown sampler'):
         sample_run(['--model', 'no_such_model', '--samplers', 'langevin', '--out', str(tmp_path / 's')])
     assert not (tmp_path / 's').exists()
+
+
+def test_ks_sampler_stops_and_reports_diverging_samples():
+    # A denoiser that amplifies half the batch (its residual grows each step) and is exact for the other
+    # half: the amplified samples are stopped with a finite last state and reported, the others finish.
+    from timm_joint.sample import KSSampler
+
+    def denoiser(y, sigma, class_labels):
+        # Class 1: D(y) - y = 2y, growing without bound; class 0: the exact denoiser of a point mass at 0.5.
+        amplified = (class_labels == 1).view(-1, 1, 1, 1)
+        return torch.where(amplified, 3. * y, torch.full_like(y, 0.5))
+
+    sampler = KSSampler(denoiser, h0=0.5, beta=1., sigma_start=0.5, sigma_end=0.01, max_steps=200)
+    res = sampler.sample((4, 1, 4, 4), class_labels=torch.tensor([1, 0, 1, 0]),
+                         generator=torch.Generator().manual_seed(0))
+    assert res.diverged.tolist() == [True, False, True, False]
+    assert torch.isfinite(res.samples).all()
+    assert (res.samples[1::2] - 0.5).abs().max() < 0.05  # the exact half converged to its mean

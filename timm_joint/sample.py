@@ -86,11 +86,14 @@ class SampleOutput:
         sigmas: The noise level estimated at each step, [T, B] (NaN once a sample has stopped).
         steps: Steps taken by each sample, [B].
         step_sizes: h_t for t = 1..T.
+        diverged: Samples stopped because their noise estimate left the range (non-finite, or above
+            ``KSSampler.DIVERGED`` times sigma_start), [B] bool; they keep their last finite state.
     """
     samples: torch.Tensor
     sigmas: torch.Tensor
     steps: torch.Tensor
     step_sizes: List[float] = field(default_factory=list)
+    diverged: Optional[torch.Tensor] = None
 
 
 class KSSampler:
@@ -147,6 +150,10 @@ class KSSampler:
         self.mean = mean
         self.final_denoise = final_denoise
 
+    # A sample whose estimated noise level grows past this multiple of sigma_start (or is not finite) has
+    # left the ascent: the denoiser amplifies it instead of removing noise. It is stopped and reported.
+    DIVERGED = 4.
+
     def step_size(self, t: int) -> float:
         """h_t = h0 t / (1 + h0 (t - 1)), t >= 1: small steps while the image is mostly noise."""
         return self.h0 * t / (1 + self.h0 * (t - 1))
@@ -200,6 +207,7 @@ class KSSampler:
         sigma_pred = torch.full((b,), self.sigma_start, device=device, dtype=torch.float64)
         active = torch.ones(b, dtype=torch.bool, device=device)
         steps = torch.zeros(b, dtype=torch.long)
+        diverged = torch.zeros(b, dtype=torch.bool)
         history, sizes = [], []
         from tqdm import tqdm
         bar = tqdm(total=None, desc=desc, disable=not progress, file=sys.stderr, unit='step')
@@ -211,9 +219,13 @@ class KSSampler:
                 d = self.denoiser(y_a, sigma_pred[idx].to(dtype), **kw) - y_a
                 sigma = d.double().flatten(1).norm(dim=1) / math.sqrt(n)
                 row = torch.full((b,), float('nan'), dtype=torch.float64)
+                bad = ~torch.isfinite(sigma) | (sigma > self.DIVERGED * self.sigma_start)
+                diverged[idx[bad].cpu()] = True
+                sigma = torch.where(bad, torch.zeros_like(sigma), sigma)
                 row[idx.cpu()] = sigma.cpu()
+                row[idx[bad].cpu()] = float('nan')
                 history.append(row)
-                done = sigma < self.sigma_end
+                done = (sigma < self.sigma_end) | bad
                 if bool(done.all()):
                     active[idx] = False
                     break
@@ -237,7 +249,7 @@ class KSSampler:
             kw = {} if labels is None else {'class_labels': labels}
             y = self.denoiser(y, sigma_pred.to(dtype).clamp_min(1e-6), **kw)
         sigmas = torch.stack(history) if history else torch.zeros(0, b, dtype=torch.float64)
-        return SampleOutput(samples=y, sigmas=sigmas, steps=steps, step_sizes=sizes)
+        return SampleOutput(samples=y, sigmas=sigmas, steps=steps, step_sizes=sizes, diverged=diverged)
 
 
 def diffusion_sample(
@@ -455,7 +467,7 @@ def _ks_run(den: DeepinvAdapter, n: int, labels: Optional[torch.Tensor], args: a
     sampler = KSSampler(den, h0=args.h0, beta=args.beta, sigma_start=args.sigma_start / 255.,
                         sigma_end=args.sigma_end / 255., max_steps=args.max_steps, mean=args.mean,
                         final_denoise=args.final_denoise)
-    out, steps, final = [], [], []
+    out, steps, final, diverged = [], [], [], []
     for i, (a, b) in enumerate(_chunks(n, args.batch_size)):
         g = torch.Generator().manual_seed(seed + i)
         res = sampler.sample((b - a, *img), class_labels=None if labels is None else labels[a:b], generator=g,
@@ -464,9 +476,12 @@ def _ks_run(den: DeepinvAdapter, n: int, labels: Optional[torch.Tensor], args: a
         steps.append(res.steps)
         last = torch.stack([col[~col.isnan()][-1] if (~col.isnan()).any() else col[0] for col in res.sigmas.T])
         final.append(last)
-    steps_t, final_t = torch.cat(steps).double(), torch.cat(final)
+        diverged.append(res.diverged)
+    steps_t, final_t, diverged_t = torch.cat(steps).double(), torch.cat(final), torch.cat(diverged)
+    ok = ~diverged_t
     return torch.cat(out), {'steps_mean': float(steps_t.mean()), 'steps_max': int(steps_t.max()),
-                            'final_sigma_255_mean': float(255 * final_t.mean())}
+                            'final_sigma_255_mean': float(255 * final_t[ok].mean()) if ok.any() else None,
+                            'diverged': int(diverged_t.sum())}
 
 
 def _diffusion_run(den: DeepinvAdapter, n: int, labels: Optional[torch.Tensor], args: argparse.Namespace,
@@ -612,8 +627,8 @@ def render_markdown(results: Dict[str, Any]) -> str:
     m = r['model']
     lines = [f'# Samples from `{m["name"]}`', '',
              f'- {m["num_params"]:,} parameters, {r["img_size"]} px, seed {r["seed"]}; noise levels in 0-255 units', '',
-             '| sampler | group | samples | steps (mean) | final sigma (mean) | recognised (%) |',
-             '|---|---|---:|---:|---:|---:|']
+             '| sampler | group | samples | steps (mean) | final sigma (mean) | diverged | recognised (%) |',
+             '|---|---|---:|---:|---:|---:|---:|']
     for name, entry in r['samplers'].items():
         for group in ('unconditional', 'conditional'):
             s = entry.get(group)
@@ -622,8 +637,10 @@ def render_markdown(results: Dict[str, Any]) -> str:
             steps = s.get('steps_mean', s.get('steps'))
             final = s.get('final_sigma_255_mean')
             rec = s.get('recognised')
+            div = s.get('diverged')
             lines.append(f'| {name} | {group} | {s["num_samples"]} | {steps:.1f} | '
-                         f'{"" if final is None else f"{final:.2f}"} | {"" if rec is None else f"{rec:.1f}"} |')
+                         f'{"" if final is None else f"{final:.2f}"} | {"" if div is None else div} | '
+                         f'{"" if rec is None else f"{rec:.1f}"} |')
     lines.append('')
     for name, entry in r['samplers'].items():
         lines.append(f'- {name}: ' + ', '.join(f'{k}={v}' for k, v in entry['params'].items()))
