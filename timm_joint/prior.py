@@ -40,7 +40,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the option
         'timm_joint.prior needs deepinv (an optional dependency): pip install -e ".[prior]" '
         '(or pip install "deepinv>=0.5")') from e
 
-from .protocol import has_energy, is_blind, is_joint
+from .protocol import has_energy, is_blind, is_denoiser, is_joint
 
 __all__ = ['DeepinvAdapter', 'GradientStepPrior']
 
@@ -102,7 +102,7 @@ class DeepinvAdapter(Denoiser):
         super().__init__()
         if isinstance(model, DeepinvAdapter):
             model = model.model
-        if not isinstance(model, nn.Module) or not callable(getattr(model, 'denoise', None)):
+        if not isinstance(model, nn.Module) or not is_denoiser(model):
             raise TypeError(
                 'DeepinvAdapter expects a timm_joint model with denoise(y, *, sigma=None, c=None) (a GradResNet, '
                 'a JointDensityWrapper, or the dncnn_deepinv / drunet_deepinv baselines), got '

@@ -57,7 +57,7 @@ from . import metrics
 from .cli import check_out_dir, command_line, program_name, run_or_exit
 from .io import atomic_write, load_model
 from .prior import DeepinvAdapter, GradientStepPrior
-from .protocol import has_energy, is_blind
+from .protocol import has_energy, is_blind, is_denoiser
 from .robustness import level_key
 
 __all__ = [
@@ -264,7 +264,7 @@ def _load_priors(specs: Sequence[str], labels: Optional[Sequence[str]],
     out: Dict[str, Tuple[nn.Module, Dict[str, Any]]] = {}
     for i, spec in enumerate(specs):
         model, info = load_model(spec, device=device)
-        if not callable(getattr(model, 'denoise', None)):
+        if not is_denoiser(model):
             raise ValueError(f'{spec!r} has no denoiser (a plain classifier): every prior must be a timm_joint '
                              f'model with denoise() (a joint model, or the dncnn_deepinv/drunet_deepinv baselines)')
         label = labels[i] if labels else str(info.get('architecture') or spec)

@@ -55,7 +55,7 @@ from . import textures
 from .cli import check_out_dir, command_line, program_name, run_or_exit
 from .io import atomic_file, atomic_write, load_model
 from .prior import DeepinvAdapter
-from .protocol import is_joint
+from .protocol import is_denoiser, is_joint
 
 __all__ = [
     'KSSampler', 'SampleOutput', 'diffusion_sample', 'GaussianTextureDenoiser', 'radial_power',
@@ -526,7 +526,7 @@ def sample_command(args: argparse.Namespace) -> Dict[str, Any]:
     else:
         args.sigma_start_source = '--sigma-start'
     _check_args(args)
-    if not callable(getattr(model, 'denoise', None)):
+    if not is_denoiser(model):
         raise ValueError(f'{args.model!r} has no denoiser (a plain classifier): sampling needs a timm_joint model')
     den = DeepinvAdapter(model, guidance=args.guidance)
     conditional = is_joint(model)
