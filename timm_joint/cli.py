@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple, TypeVar, Union
 
 __all__ = ['CONSOLE_SCRIPTS', 'BAD_INPUT', 'program_name', 'error_line', 'command_line', 'run_or_exit',
-           'check_out_dir', 'check_in_dir', 'check_out_file', 'choose_cpu_threads', 'set_cpu_threads']
+           'add_output_args', 'parse_command', 'check_out_dir', 'check_in_dir', 'check_out_file', 'choose_cpu_threads', 'set_cpu_threads']
 
 PathLike = Union[str, os.PathLike]
 T = TypeVar('T')
@@ -67,6 +67,26 @@ def run_or_exit(module: str, work: Callable[[], T]) -> T:
     except BAD_INPUT as e:
         print(error_line(module, e), file=sys.stderr)
         sys.exit(2)
+
+
+def add_output_args(parser, out_default: str) -> None:
+    """The options every command that writes a results folder shares: ``--out``, ``--overwrite``,
+    ``--seed``, ``--device`` and ``--no-progress``."""
+    import torch
+    parser.add_argument('--out', default=out_default)
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing results.json')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--no-progress', dest='progress', action='store_false')
+
+
+def parse_command(parser, module: str, argv: Optional[Sequence[str]] = None):
+    """``parser.parse_args(argv)`` (default: the command line) with ``args.command``, the line that reruns
+    it (``command_line``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.command = command_line(module, argv)
+    return args
 
 
 def _file_above(path: Path) -> Optional[Path]:

@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import metrics
-from .cli import check_out_dir, command_line, program_name, run_or_exit
+from .cli import add_output_args, check_out_dir, parse_command, program_name, run_or_exit
 from .io import atomic_write, load_model
 from .prior import DeepinvAdapter, GradientStepPrior
 from .protocol import has_energy, is_blind, is_denoiser
@@ -508,19 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--red-stepsize', type=float, default=1.0, help='red: data step gamma')
     p.add_argument('--red-lambda', type=float, default=1.0, help='red: prior weight lambda')
     p.add_argument('--grid-images', type=int, default=3, help='images per problem in the figure')
-    p.add_argument('--out', default='runs/restore')
-    p.add_argument('--overwrite', action='store_true', help='replace an existing results.json')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--no-progress', dest='progress', action='store_false')
+    add_output_args(p, 'runs/restore')
     return p
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.command = command_line('timm_joint.restore', argv)
-    return args
+    return parse_command(build_parser(), 'timm_joint.restore', argv)
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 
 from . import textures
-from .cli import check_out_dir, command_line, program_name, run_or_exit
+from .cli import add_output_args, check_out_dir, parse_command, program_name, run_or_exit
 from .io import atomic_file, atomic_write, load_model
 from .prior import DeepinvAdapter
 from .protocol import is_denoiser, is_joint
@@ -677,19 +677,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--diffusion-steps', type=int, default=100)
     p.add_argument('--diffusion-solver', choices=('ddpm', 'ddim'), default='ddpm')
     p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--out', default='runs/samples')
-    p.add_argument('--overwrite', action='store_true', help='replace an existing results.json')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--no-progress', dest='progress', action='store_false')
+    add_output_args(p, 'runs/samples')
     return p
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.command = command_line('timm_joint.sample', argv)
-    return args
+    return parse_command(build_parser(), 'timm_joint.sample', argv)
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
