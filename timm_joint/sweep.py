@@ -110,10 +110,14 @@ PRESETS: Dict[str, List[Tuple[str, List[str]]]] = {
                                                  'stem_centring=True']),
         ('joint, texture levers', ['--model-kwargs', 'act_gain=10', 'stem_centring=True']),
     ],
-    # Mohan et al.'s reason to remove biases: denoising beyond the training range (sigma_max_den 100).
+    # Mohan et al.'s reason to remove biases: denoising beyond the training range (sigma_max_den 100). Their
+    # argument needs a homogeneous network (D(a y) = a D(y)); GELU is not, ReLU is: both, with and without
+    # biases.
     'generalization': [
         _DEN,
         ('denoising only, biases', ['--task', 'denoising', '--model-kwargs', 'bias=True']),
+        ('denoising only, ReLU', ['--task', 'denoising', '--model-kwargs', 'act_layer=relu']),
+        ('denoising only, ReLU, biases', ['--task', 'denoising', '--model-kwargs', 'act_layer=relu', 'bias=True']),
     ],
 }
 
