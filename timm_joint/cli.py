@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple, TypeVar, Union
 
 __all__ = ['CONSOLE_SCRIPTS', 'BAD_INPUT', 'program_name', 'error_line', 'command_line', 'run_or_exit',
-           'add_output_args', 'parse_command', 'check_out_dir', 'check_in_dir', 'check_out_file', 'choose_cpu_threads', 'set_cpu_threads']
+           'add_output_args', 'parse_command', 'check_out_dir', 'check_in_dir', 'check_out_file',
+           'choose_cpu_threads', 'set_cpu_threads']
 
 PathLike = Union[str, os.PathLike]
 T = TypeVar('T')

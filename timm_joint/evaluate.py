@@ -1047,7 +1047,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--crop-pct', type=float, default=None)
     p.add_argument('--batch-size', type=int, default=128)
     p.add_argument('--workers', type=int, default=2)
-    p.add_argument('--max-images', type=int, default=None, help='evaluate N images only, spread evenly over the split')
+    p.add_argument('--max-images', type=int, default=None,
+                   help='evaluate N images only, spread evenly over the split')
     p.add_argument('--skip-bad-images', action='store_true',
                    help='decode every image of an image folder once first and leave out those that cannot be read '
                         '(listed in results.json); without it such an image stops the evaluation')

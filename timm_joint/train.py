@@ -204,7 +204,8 @@ group.add_argument('--val-sigmas', type=float, nargs='+', default=[0, 25], metav
 group.add_argument('--val-psnr-sigmas', type=float, nargs='+', default=[15, 25, 50], metavar='S',
                    help='noise levels (0-255) of the validation PSNR')
 group.add_argument('--val-max-batches', type=int, default=None, metavar='N', help='validate on at most N batches')
-group.add_argument('--checkpoint-hist', type=int, default=2, metavar='N', help='number of state checkpoints to keep (at least 1)')
+group.add_argument('--checkpoint-hist', type=int, default=2, metavar='N',
+                   help='number of state checkpoints to keep (at least 1)')
 group.add_argument('--checkpoint-interval', type=int, default=0, metavar='N',
                    help='also save a resumable state every N optimizer steps (0: at the end of each epoch only)')
 group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading workers per process')
