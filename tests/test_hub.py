@@ -570,25 +570,23 @@ class _StandInHub:
         stand_in = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            def _refuse(self, status: int, code: str, message: str) -> None:
+                # The Hub's error answer: a status and huggingface_hub's X-Error-* headers, no body.
+                self.send_response(status)
+                self.send_header('X-Error-Code', code)
+                self.send_header('X-Error-Message', message)
+                self.send_header('Content-Length', '0')
+                self.end_headers()
+
             def _answer(self, body: bool):
                 stand_in.requests.append((self.command, self.path))
                 parts = self.path.split('?')[0].strip('/').split('/')
                 repo_id, filename = '/'.join(parts[:2]), '/'.join(parts[4:])
                 files = stand_in.repos.get(repo_id)
                 if len(parts) < 5 or parts[2] != 'resolve' or files is None:
-                    self.send_response(401)
-                    self.send_header('X-Error-Code', 'RepoNotFound')
-                    self.send_header('X-Error-Message', 'Repository not found')
-                    self.send_header('Content-Length', '0')
-                    self.end_headers()
-                    return
+                    return self._refuse(401, 'RepoNotFound', 'Repository not found')
                 if filename not in files:
-                    self.send_response(404)
-                    self.send_header('X-Error-Code', 'EntryNotFound')
-                    self.send_header('X-Error-Message', 'Entry not found')
-                    self.send_header('Content-Length', '0')
-                    self.end_headers()
-                    return
+                    return self._refuse(404, 'EntryNotFound', 'Entry not found')
                 data = files[filename]
                 self.send_response(200)
                 self.send_header('X-Repo-Commit', '3' * 40)
