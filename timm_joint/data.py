@@ -23,7 +23,6 @@ import copy
 import hashlib
 import json
 import os
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
@@ -33,7 +32,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 from torchvision import transforms as T
 
-from .cli import BAD_INPUT, check_in_dir, check_out_dir, error_line, program_name
+from .cli import check_in_dir, check_out_dir, program_name, run_or_exit
 from .io import atomic_dir
 from .noise import sample_seed, seeded_noise
 
@@ -768,24 +767,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     w.add_argument('--splits', nargs='+', default=['train', 'validation'])
     w.add_argument('--shard-size', type=int, default=1000)
     args = parser.parse_args(argv)
-    try:
+    def prepare() -> Path:
         if args.cmd == 'wds':
             check_in_dir(args.src, '--src', 'an image folder <split>/<class>/<image>')
             check_out_dir(args.dst, '--dst')
         else:
             check_out_dir(args.root, '--root')
         if args.cmd == 'quickstart':
-            path = prepare_quickstart(args.root, train_per_class=args.train_per_class, val_per_class=args.val_per_class)
-        elif args.cmd == 'digits':
-            path = prepare_digits(args.root)
-        elif args.cmd == 'textures':
-            path = prepare_textures(args.root)
-        else:
-            path = write_wds(args.src, args.dst, splits=args.splits, shard_size=args.shard_size)
-    except BAD_INPUT as e:
-        print(error_line('timm_joint.data', e), file=sys.stderr)
-        sys.exit(2)
-    print(f'wrote {path}')
+            return prepare_quickstart(args.root, train_per_class=args.train_per_class,
+                                      val_per_class=args.val_per_class)
+        if args.cmd == 'digits':
+            return prepare_digits(args.root)
+        if args.cmd == 'textures':
+            return prepare_textures(args.root)
+        return write_wds(args.src, args.dst, splits=args.splits, shard_size=args.shard_size)
+
+    print(f'wrote {run_or_exit("timm_joint.data", prepare)}')
 
 
 if __name__ == '__main__':

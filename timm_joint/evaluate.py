@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from . import metrics
-from .cli import check_out_dir, command_line, program_name, run_or_exit, set_cpu_threads
+from .cli import check_out_dir, parse_command, program_name, run_or_exit, set_cpu_threads
 from .io import atomic_write, load_model, train_args_files
 from .protocol import denoise_blind, has_classifier, has_energy, is_denoiser, is_joint
 from .results import NA, SCHEMA_VERSION, is_number, validate_results
@@ -1109,12 +1109,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse the command line; fills the default output folder and records the command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse_command(build_parser(), 'timm_joint.evaluate', argv)
     if args.out is None:
         name = (args.model.split(':', 1)[-1]).strip('/').replace('/', '_') or 'model'
         args.out = str(Path('eval') / name)
-    args.command = command_line('timm_joint.evaluate', argv)
     return args
 
 

@@ -377,7 +377,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if any(a == '--seed' or a.startswith('--seed=') for a in args.extra):
         parser.error('give seeds with --seeds, not --seed after --: every run of a variant would share it')
     out = Path(args.output) / (args.name or f'{args.preset}-{args.dataset}-{args.steps}')
-    run_or_exit('timm_joint.sweep', lambda: (check_out_dir(args.output, '--output'), check_out_dir(out, '--name')))
+    def check_paths() -> None:
+        check_out_dir(args.output, '--output')
+        check_out_dir(out, '--name')
+
+    run_or_exit('timm_joint.sweep', check_paths)
     out.mkdir(parents=True, exist_ok=True)
     if args.preset in PRESET_EVAL_ARGS and not args.evaluate:
         parser.error(f'--preset {args.preset} is measured by python -m timm_joint.evaluate: add --evaluate')
