@@ -48,8 +48,9 @@ class RunLog:
     The console shows this package's own lines (the model, each validation, the final summary) and
     every library's warnings, beside the progress bars; the run folder's ``log.txt`` gets all of
     them, with times, and what libraries say at INFO, such as Accelerate's line for every file of
-    every checkpoint (and lines logged with ``extra={'file_only': True}``). Lines logged before the run folder exists (it is made only once every check
-    has passed, so that a refused run writes nothing) are held, and written when ``open`` is called.
+    every checkpoint (and lines logged with ``extra={'file_only': True}``). Lines logged before the run
+    folder exists (it is made only once every check has passed, so that a refused run writes nothing) are
+    held, and written when ``open`` is called.
 
     Args:
         own: Loggers whose INFO lines reach the console (their names' prefix).
